@@ -1,0 +1,70 @@
+"""autograd Functions over the native expert engine. They call kt_sft.functional only."""
+
+from __future__ import annotations
+
+import torch
+
+from kt_sft import functional as Fn
+from kt_sft.formats import ComputeMode
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """CPU tensors pass through; CUDA tensors land in a pinned host buffer (async copy, then a wait on
+    the current stream only, not the whole device)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(t.device).synchronize()
+    return host
+
+
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if device.type == "cpu":
+        return t.to(dtype)
+    host = t.to(dtype)
+    if not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class CPUExpertsFunction(torch.autograd.Function):
+    """y = experts(x, top_k_index, top_k_weights) with frozen packed weights.
+
+    Saved for backward: the routing (index, weights) and the gate/up pre-activations (T*k, 2I) fp32
+    from the forward. Recomputing them would cost a third of the backward's FLOPs again; keeping them
+    costs T*k*2I*4 bytes for one layer at a time under gradient checkpointing."""
+
+    @staticmethod
+    def forward(ctx, x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode):
+        device, x_dtype, w_dtype = x.device, x.dtype, top_k_weights.dtype
+        x_h, idx_h, w_h = _to_host(x), _to_host(top_k_index), _to_host(top_k_weights)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        y, gu = Fn.moe_forward(packed, x_h, idx_h, w_h, mode, save_for_backward=need_grad)
+        ctx.packed, ctx.mode = packed, mode
+        ctx.device, ctx.x_dtype, ctx.w_dtype = device, x_dtype, w_dtype
+        if need_grad:
+            ctx.save_for_backward(idx_h, w_h, gu)
+        return _to_device(y, device, x_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
+            return None, None, None, None, None
+        idx_h, w_h, gu = ctx.saved_tensors
+        dx, dw = Fn.moe_backward(ctx.packed, _to_host(dy.contiguous()), idx_h, w_h, gu, ctx.mode)
+        dx = _to_device(dx, ctx.device, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dw = _to_device(dw, ctx.device, ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        return dx, None, dw, None, None
+
+
+def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode):
+    """Validates, then runs CPUExpertsFunction."""
+    devices = {t.device for t in (x, top_k_index, top_k_weights) if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"inputs are on different devices: {sorted(str(d) for d in devices)}")
+    device = next(iter(devices)) if devices else None
+    if device is not None and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"inputs must be on cpu or cuda, got {device}")
+    Fn.validate_routing(packed, x, top_k_index, top_k_weights)
+    return CPUExpertsFunction.apply(x, top_k_index, top_k_weights, packed, mode)

@@ -1,0 +1,181 @@
+"""Stateless native ops: validate -> allocate -> call C -> return tensors.
+
+Every tensor that reaches C is checked here first (dtype, shape, device, contiguity, index range),
+so no C function sees unchecked input. Inputs must already be on the CPU; the autograd layer moves
+CUDA tensors through pinned buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kt_sft import _native
+from kt_sft._native import ffi, lib
+from kt_sft.formats import COMPUTE_MODE_C_ID, TRAITS, ComputeMode, Format, matrix_bytes
+
+_ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # KT_DTYPE_*
+
+
+@dataclass
+class PackedExperts:
+    """Frozen expert weights packed for the C kernels. Plain tensors, deliberately not nn.Parameters
+    or buffers: moving a model to a GPU leaves them in host memory."""
+
+    format: Format
+    num_experts: int
+    hidden_dim: int
+    intermediate_dim: int
+    gate_up: torch.Tensor  # uint8, E x matrix_bytes(format, 2I, H)
+    down: torch.Tensor     # uint8, E x matrix_bytes(format, H, I)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.numel() + self.down.numel()
+
+
+def _ptr(t: torch.Tensor, ctype: str = "void *"):
+    return ffi.cast(ctype, t.data_ptr())
+
+
+def _check_weight(name: str, t: torch.Tensor, expected: tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"`{name}` must be float32 or bfloat16, got {t.dtype}")
+    if t.dim() != 3:
+        raise ValueError(f"`{name}` must be 3-D (E, rows, cols), got shape {tuple(t.shape)}")
+    if expected is not None and tuple(t.shape) != expected:
+        raise ValueError(f"`{name}` has shape {tuple(t.shape)}, expected {expected} to match gate_up_proj")
+    if t.numel() and not torch.isfinite(t).all():
+        raise ValueError(f"`{name}` contains NaN or Inf; refusing to pack non-finite weights")
+
+
+def pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, format: str | Format) -> PackedExperts:
+    """Quantizes transformers-layout expert weights, gate_up_proj (E, 2I, H) and down_proj (E, H, I)."""
+    fmt = Format.parse(format)
+    _check_weight("gate_up_proj", gate_up_proj)
+    e, two_i, h = gate_up_proj.shape
+    if two_i % 2:
+        raise ValueError(f"`gate_up_proj` dim 1 must be 2*I (even), got {two_i}")
+    inter = two_i // 2
+    _check_weight("down_proj", down_proj, (e, h, inter))
+    if e < 1 or h < 1 or inter < 1:
+        raise ValueError(f"expert shapes must be positive, got E={e} H={h} I={inter}")
+
+    def pack(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        w = w.detach().to("cpu").contiguous()
+        out = torch.empty((e, matrix_bytes(fmt, n, k)), dtype=torch.uint8)
+        rc = lib.kt_quantize_experts(TRAITS[fmt].c_id, _ptr(w), _ACT_DTYPES[w.dtype], e, n, k, _ptr(out))
+        _native.check(rc, "kt_quantize_experts")
+        return out
+
+    return PackedExperts(fmt, e, h, inter, pack(gate_up_proj, two_i, h), pack(down_proj, h, inter))
+
+
+def dequantize_experts(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up_proj, down_proj) as fp32, exactly the values the kernels multiply by."""
+    e, h, inter = packed.num_experts, packed.hidden_dim, packed.intermediate_dim
+    fid = TRAITS[packed.format].c_id
+    gu = torch.empty((e, 2 * inter, h), dtype=torch.float32)
+    dn = torch.empty((e, h, inter), dtype=torch.float32)
+    for i in range(e):
+        _native.check(lib.kt_dequantize_matrix(fid, _ptr(packed.gate_up[i]), 2 * inter, h, _ptr(gu[i])), "dequantize")
+        _native.check(lib.kt_dequantize_matrix(fid, _ptr(packed.down[i]), h, inter, _ptr(dn[i])), "dequantize")
+    return gu, dn
+
+
+def validate_routing(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> None:
+    """Raises a TypeError/ValueError naming the bad value. Devices are checked by the caller."""
+    for name, t in (("hidden_states", x), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"`{name}` must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous (call .contiguous()), got strides {t.stride()}")
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"`hidden_states` must be float32 or bfloat16, got {x.dtype}")
+    if x.shape[1] != packed.hidden_dim:
+        raise ValueError(f"`hidden_states` has hidden size {x.shape[1]}, experts expect {packed.hidden_dim}")
+    if top_k_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"`top_k_index` must be int64 or int32, got {top_k_index.dtype}")
+    if not top_k_weights.is_floating_point():
+        raise TypeError(f"`top_k_weights` must be a floating tensor, got {top_k_weights.dtype}")
+    t, k = top_k_index.shape
+    if t != x.shape[0] or tuple(top_k_weights.shape) != (t, k):
+        raise ValueError(
+            f"shapes disagree: hidden_states {tuple(x.shape)}, top_k_index {tuple(top_k_index.shape)}, "
+            f"top_k_weights {tuple(top_k_weights.shape)}; expected (T, H), (T, k), (T, k)"
+        )
+    if k < 1 or k > packed.num_experts:
+        raise ValueError(f"top-k must be in [1, {packed.num_experts}] (the number of experts), got k={k}")
+    if t * k >= 2**31:
+        raise ValueError(f"T*k = {t * k} routing pairs exceed the engine's int32 limit; split the batch")
+    if t:
+        lo, hi = int(top_k_index.min()), int(top_k_index.max())
+        if lo < 0 or hi >= packed.num_experts:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"`top_k_index` holds expert id {bad}, outside [0, {packed.num_experts})")
+
+
+def _args(packed: PackedExperts, mode: ComputeMode, idx: torch.Tensor, w: torch.Tensor):
+    a = ffi.new("kt_moe_args *")
+    a.format = TRAITS[packed.format].c_id
+    a.act_mode = COMPUTE_MODE_C_ID[mode]
+    a.E, a.H, a.I = packed.num_experts, packed.hidden_dim, packed.intermediate_dim
+    a.T, a.k = idx.shape
+    a.gate_up = _ptr(packed.gate_up)
+    a.down = _ptr(packed.down)
+    a.topk_idx = _ptr(idx, "int64_t *")
+    a.topk_w = _ptr(w, "float *")
+    return a
+
+
+def _routing_tensors(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    return top_k_index.to(torch.int64).contiguous(), top_k_weights.to(torch.float32).contiguous()
+
+
+def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor, mode: ComputeMode, save_for_backward: bool = True):
+    """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
+    pre-activations the backward needs. CPU tensors only; validated by validate_routing."""
+    idx, w = _routing_tensors(top_k_index, top_k_weights)
+    t, k = idx.shape
+    y = torch.empty((t, packed.hidden_dim), dtype=torch.float32)
+    gu = torch.empty((t * k, 2 * packed.intermediate_dim), dtype=torch.float32) if save_for_backward else None
+    if t == 0:
+        return y, gu
+    a = _args(packed, mode, idx, w)
+    a.x, a.x_dtype = _ptr(x), _ACT_DTYPES[x.dtype]
+    a.y = _ptr(y, "float *")
+    a.gu = _ptr(gu, "float *") if gu is not None else ffi.NULL
+    _native.check(lib.kt_moe_forward(a), "kt_moe_forward")
+    return y, gu
+
+
+def moe_backward(packed: PackedExperts, dy: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, gu: torch.Tensor, mode: ComputeMode):
+    """Returns (dx fp32 (T, H), d top_k_weights fp32 (T, k)) for the incoming gradient dy (T, H)."""
+    idx, w = _routing_tensors(top_k_index, top_k_weights)
+    t, k = idx.shape
+    if dy.dtype not in _ACT_DTYPES:
+        dy = dy.to(torch.float32)
+    dy = dy.contiguous()
+    if tuple(dy.shape) != (t, packed.hidden_dim):
+        raise ValueError(f"gradient has shape {tuple(dy.shape)}, expected {(t, packed.hidden_dim)}")
+    if gu is None or tuple(gu.shape) != (t * k, 2 * packed.intermediate_dim):
+        raise ValueError("backward needs the gate/up activations saved by moe_forward(save_for_backward=True)")
+    dx = torch.zeros((t, packed.hidden_dim), dtype=torch.float32)
+    dw = torch.zeros((t, k), dtype=torch.float32)
+    if t == 0:
+        return dx, dw
+    a = _args(packed, mode, idx, w)
+    a.dy, a.dy_dtype = _ptr(dy), _ACT_DTYPES[dy.dtype]
+    a.gu = _ptr(gu, "float *")
+    a.dx = _ptr(dx, "float *")
+    a.dw = _ptr(dw, "float *")
+    _native.check(lib.kt_moe_backward(a), "kt_moe_backward")
+    return dx, dw

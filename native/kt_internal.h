@@ -1,0 +1,105 @@
+/* Internal declarations shared by the native sources (not part of the cffi API). */
+#ifndef KT_INTERNAL_H
+#define KT_INTERNAL_H
+
+#include <assert.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kt_sft.h"
+
+_Static_assert(sizeof(kt_block_bf16) == 2 * KT_BF16_BLOCK, "bf16 block: 16 bits/weight");
+_Static_assert(sizeof(kt_block_int8) == KT_INT8_BLOCK, "int8 block: 8 bits/weight");
+_Static_assert(sizeof(kt_block_int4) * 2 == KT_INT4_BLOCK, "int4 block: 4 bits/weight + fp16 scale");
+_Static_assert(sizeof(kt_block_bf16) % 64 == 0 && sizeof(kt_block_int8) % 64 == 0,
+               "row starts stay cache-line aligned");
+
+/* ---- errors ------------------------------------------------------------------------------- */
+
+void kt_set_error(const char *file, int line, const char *fmt, ...);
+#define KT_FAIL(code, ...) do { kt_set_error(__FILE__, __LINE__, __VA_ARGS__); return (code); } while (0)
+
+/* ---- scalar conversions ------------------------------------------------------------------- */
+
+static inline float kt_bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even; NaN stays NaN (quiet). */
+static inline uint16_t kt_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float kt_round_bf16(float f) { return kt_bf16_to_f32(kt_f32_to_bf16(f)); }
+
+float kt_fp16_to_f32(uint16_t h);
+uint16_t kt_f32_to_fp16(float f);
+
+static inline float kt_silu(float g) { return g / (1.0f + expf(-g)); }
+
+/* ---- packed matrix geometry ---------------------------------------------------------------- */
+
+typedef struct {
+    int format;
+    int64_t N, K, K_pad;
+    size_t row_bytes;      /* bytes of one row of quants */
+    size_t scales_offset;  /* byte offset of the scales after the rows */
+    size_t bytes;          /* whole matrix, padded to 64 */
+} kt_matrix_layout;
+
+int kt_matrix_layout_of(int format, int64_t N, int64_t K, kt_matrix_layout *out);
+
+/* Dequantize columns [k0, k1) of row n into out[0 .. k1-k0). */
+void kt_dequant_row_segment(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k0,
+                            int64_t k1, float *out);
+
+/* ---- threads ------------------------------------------------------------------------------ */
+
+typedef void (*kt_task_fn)(void *ctx, int64_t task, int tid);
+/* Runs fn(ctx, i, tid) for i in [0, n_tasks) on the pool; returns when all are done. */
+void kt_parallel_for(int64_t n_tasks, kt_task_fn fn, void *ctx);
+
+/* ---- workspace ---------------------------------------------------------------------------- */
+
+/* A growable 64-byte-aligned scratch area owned by the engine; valid until the next call. */
+void *kt_workspace(size_t bytes);
+
+/* ---- kernels ------------------------------------------------------------------------------ */
+
+/* One product against one packed matrix W (N x K), for M activation rows.
+ *   nt: out_rows[m][n - n0]  = alpha[m] * sum_k a_rows[m][k] * W[n][k]     for n in [n0, n1)
+ *       (accumulate: +=).                                   dot products, the forward direction
+ *   tn: out_rows[m][c - c0] += alpha[m] * sum_n a_rows[m][n] * W[n][c]     for c in [c0, c1)
+ *       (accumulate, or = when !accumulate).                the transposed, backward direction
+ * Activations are fp32 here (already rounded to the compute mode's precision by the caller). */
+typedef struct {
+    const kt_matrix_layout *L;
+    const uint8_t *w;
+    int act_mode;
+    int64_t M;
+    const float *const *a_rows;
+    float *const *out_rows;
+    const float *alpha;      /* M multipliers, or NULL for 1 */
+    int64_t lo, hi;          /* output range: rows [lo, hi) for nt, columns [lo, hi) for tn */
+    int accumulate;
+    float *scratch;          /* per-thread, at least K_pad + N floats */
+} kt_gemm;
+
+typedef struct {
+    const char *name;
+    void (*nt)(const kt_gemm *g);
+    void (*tn)(const kt_gemm *g);
+} kt_kernels;
+
+extern const kt_kernels kt_kernels_scalar;
+const kt_kernels *kt_active_kernels(void);
+
+#endif /* KT_INTERNAL_H */
