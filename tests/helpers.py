@@ -1,0 +1,31 @@
+"""Shared builders for the engine tests."""
+
+import torch
+
+
+def random_experts(e: int, h: int, inter: int, dtype=torch.float32):
+    gate_up = (torch.randn(e, 2 * inter, h) / h**0.5).to(dtype)
+    down = (torch.randn(e, h, inter) / inter**0.5).to(dtype)
+    return gate_up, down
+
+
+def distinct_routing(t: int, e: int, k: int):
+    """top-k expert ids, distinct per token, and positive weights (softmax of random logits)."""
+    idx = torch.argsort(torch.rand(t, e), dim=1)[:, :k].contiguous()
+    w = torch.softmax(torch.randn(t, k), dim=1)
+    return idx, w
+
+
+def skewed_routing(t: int, e: int, k: int, hot: int = 0):
+    """Every token sends its first slot to expert `hot`; the other slots are distinct random experts."""
+    idx, w = distinct_routing(t, e, k)
+    for row in range(t):
+        others = [x for x in torch.randperm(e).tolist() if x != hot][: k - 1]
+        idx[row] = torch.tensor([hot] + others)
+    return idx, w
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    denom = ref.norm()
+    return float((a - ref).norm() / denom) if denom > 0 else float((a - ref).norm())
