@@ -11,7 +11,7 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["kt_core.c", "kt_formats.c", "kt_moe.c", "kt_kernels_scalar.c"]
+SOURCES = ["kt_core.c", "kt_formats.c", "kt_moe.c", "kt_kernels_scalar.c", "kt_kernels_avx2.c"]
 
 
 def _cdef_from_header() -> str:

@@ -125,7 +125,10 @@ static const unsigned isa_needs[] = {
 static const kt_kernels *kernels_of(int isa) {
     switch (isa) {
     case KT_ISA_SCALAR: return &kt_kernels_scalar;
-    default: return NULL; /* compiled-in SIMD paths register here */
+#if defined(__x86_64__)
+    case KT_ISA_AVX2: return &kt_kernels_avx2;
+#endif
+    default: return NULL; /* not compiled for this architecture */
     }
 }
 

@@ -90,8 +90,14 @@ typedef struct {
     const float *alpha;      /* M multipliers, or NULL for 1 */
     int64_t lo, hi;          /* output range: rows [lo, hi) for nt, columns [lo, hi) for tn */
     int accumulate;
-    float *scratch;          /* per-thread, at least K_pad + N floats */
+    float *scratch;          /* per-thread, 32-byte aligned, kt_gemm_scratch_floats(N, K_pad) floats */
 } kt_gemm;
+
+/* Scratch any kernel may use for one matrix: a 16-wide panel over max(K_pad, N), plus a row. */
+static inline int64_t kt_gemm_scratch_floats(int64_t N, int64_t K_pad) {
+    int64_t m = N > K_pad ? N : K_pad;
+    return (16 * m + m + 64 + 15) & ~(int64_t)15;
+}
 
 typedef struct {
     const char *name;
@@ -100,6 +106,9 @@ typedef struct {
 } kt_kernels;
 
 extern const kt_kernels kt_kernels_scalar;
+#if defined(__x86_64__)
+extern const kt_kernels kt_kernels_avx2;
+#endif
 const kt_kernels *kt_active_kernels(void);
 
 #endif /* KT_INTERNAL_H */

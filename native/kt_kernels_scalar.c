@@ -3,8 +3,6 @@
 
 static void load_row(const kt_gemm *g, int64_t n, int64_t c0, int64_t c1, float *out) {
     kt_dequant_row_segment(g->L, g->w, n, c0, c1, out);
-    if (g->act_mode == KT_ACT_BF16)
-        for (int64_t c = 0; c < c1 - c0; c++) out[c] = kt_round_bf16(out[c]);
 }
 
 /* out[m][n - lo] (+)= alpha[m] * <a[m], W[n]> */

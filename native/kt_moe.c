@@ -16,8 +16,11 @@
  * threads write the same element and the summation order does not depend on the thread count:
  * results are bitwise repeatable.
  */
+#define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 #include "kt_internal.h"
 
@@ -27,6 +30,21 @@
 #define TOKENS_PER_TASK 16
 
 static pthread_mutex_t g_engine_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* KT_SFT_PROFILE=1 prints each phase's wall time to stderr (the evidence for where time goes). */
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+static void run_phase(const char *name, int64_t n_tasks, kt_task_fn fn, void *ctx) {
+    static int profile = -1;
+    if (profile < 0) profile = getenv("KT_SFT_PROFILE") && atoi(getenv("KT_SFT_PROFILE")) > 0;
+    double t0 = profile ? now_ms() : 0.0;
+    kt_parallel_for(n_tasks, fn, ctx);
+    if (profile) fprintf(stderr, "[kt_sft] %s: %lld tasks, %.2f ms\n", name, (long long)n_tasks, now_ms() - t0);
+}
 
 typedef struct {
     const kt_moe_args *a;
@@ -73,7 +91,8 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     const int nt = kt_get_num_threads();
     j->P = P;
     j->I_blocks = (I + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    j->scratch_floats = (size_t)(((j->Lgu.K_pad > j->Ld.K_pad ? j->Lgu.K_pad : j->Ld.K_pad) + 2 * I + 64 + 15) & ~15);
+    const int64_t s_gu = kt_gemm_scratch_floats(j->Lgu.N, j->Lgu.K_pad), s_d = kt_gemm_scratch_floats(j->Ld.N, j->Ld.K_pad);
+    j->scratch_floats = (size_t)(s_gu > s_d ? s_gu : s_d);
 
     size_t off = 0, sizes[10];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
@@ -201,9 +220,9 @@ int kt_moe_forward(const kt_moe_args *a) {
     moe_job j;
     rc = job_init(&j, a, 0);
     if (rc == KT_OK) {
-        kt_parallel_for((a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
-        kt_parallel_for(j.n_active * j.I_blocks, f1_task, &j);
-        kt_parallel_for((a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, f2_task, &j);
+        run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
+        run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
+        run_phase("F2", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
     return rc;
@@ -288,10 +307,10 @@ int kt_moe_backward(const kt_moe_args *a) {
     moe_job j;
     rc = job_init(&j, a, 1);
     if (rc == KT_OK) {
-        kt_parallel_for((a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
-        kt_parallel_for(j.n_active * j.I_blocks, b1_task, &j);
-        kt_parallel_for((j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK, b2_task, &j);
-        kt_parallel_for((a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, b3_task, &j);
+        run_phase("B0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
+        run_phase("B1", j.n_active * j.I_blocks, b1_task, &j);
+        run_phase("B2", (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK, b2_task, &j);
+        run_phase("B3", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, b3_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
     return rc;

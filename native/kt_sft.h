@@ -72,7 +72,7 @@ typedef struct {
 
 /* Compute modes: how activations enter the products.
  *   F32:  fp32 activations and fp32 math on the dequantized weights (the exact mode).
- *   BF16: activations (and weights) rounded to bf16, products accumulated in fp32.
+ *   BF16: activations rounded to bf16 (x, h, dy, dgu); weights as stored; fp32 accumulation.
  *   INT8: activations quantized per token to int8 (absmax), integer products (int8/int4 only). */
 #define KT_ACT_F32  0
 #define KT_ACT_BF16 1

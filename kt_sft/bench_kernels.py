@@ -1,0 +1,530 @@
+"""Kernel benchmark: one routed-experts layer, forward and backward, kt_sft against transformers.
+
+Default shape: one MoE layer of DeepSeek-V2-Lite (E=64 experts, top-6, H=2048, I=1408), random
+weights (std 0.02, rounded to bf16 so both sides hold identical values), bf16 activations, fp32
+routing weights. Per token count T it times
+
+* kt_sft `CPUExperts` for every (format, compute mode, kernel path) asked for, and
+* transformers 5.6's own `DeepseekV2Experts` with frozen bf16 weights, under both its `eager` and
+  its `grouped_mm` experts implementation (selected through `config._experts_implementation`).
+
+Routing: "uniform" = k distinct experts per token, the top-k of uniform random logits. "zipf" (the
+skewed case, at the largest T only) = k distinct experts per token drawn without replacement with
+expert e weighted 1/(e+1) (Zipf, s=1), so expert 0 is the hottest; the JSON records the load it gave.
+
+FLOPs (stated in the JSON too): forward = 3 GEMVs of H x I per routed (token, expert) pair =
+6*H*I; backward (dx only, weights are frozen) the same again, so fwd+bwd = T*k*12*H*I. The
+reference ceiling is torch's fp32 matmul (512 x 2048 x 1408) measured at start on the same threads.
+
+Timing: forward runs under torch.enable_grad() with x and the routing weights requiring grad;
+backward is `y.backward(dy)` timed alone. `warmup` untimed runs, then the median of `repeats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from kt_sft import _native, engine, environment
+from kt_sft.experts import CPUExperts
+from kt_sft.formats import ComputeMode, Format
+
+SCHEMA = "kt_sft.bench.kernels/1"
+BASELINE_IMPLS = ("eager", "grouped_mm")
+WEIGHT_STD = 0.02
+ZIPF_S = 1.0
+CEILING_SHAPE = (512, 2048, 1408)  # M, K, N of the fp32 matmul that sets the reference ceiling
+
+DEFINITIONS = {
+    "flops_fwd": "T*k*6*H*I (gate, up and down GEMVs, 2*H*I each, per routed pair)",
+    "flops_bwd": "T*k*6*H*I (counted the same as forward; weights are frozen, so dx only)",
+    "flops_fwd_bwd": "T*k*12*H*I",
+    "tokens_per_s": "T / (median fwd s + median bwd s)",
+    "frac_of_ceiling": "gflops_fwd_bwd / machine.ceiling_gflops_torch_fp32",
+    "ratio_vs_baseline": "faster baseline time / kt_sft time (= kt_sft throughput / baseline "
+                         "throughput) for fwd, bwd and fwd_bwd; > 1 means kt_sft is faster",
+    "baseline_best": "per (T, routing), the transformers implementation with the lower fwd+bwd median",
+    "routing_uniform": "k distinct experts per token: top-k of uniform random logits",
+    "routing_zipf": f"k distinct experts per token drawn without replacement, expert e weighted "
+                    f"1/(e+1)^{ZIPF_S}; run at the largest T only",
+    "rel_err_vs_eager": "||ours - eager|| / ||eager|| for y, dx, d top_k_weights (quantization error "
+                        "included); a sanity check that both sides computed the same layer",
+}
+
+
+class BenchConfigError(ValueError):
+    """A benchmark option is invalid; the CLI turns it into a usage error."""
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class KernelBenchConfig:
+    num_experts: int = _help("routed experts E", default=64)
+    top_k: int = _help("experts per token k", default=6)
+    hidden: int = _help("hidden size H", default=2048)
+    intermediate: int = _help("expert intermediate size I", default=1408)
+    tokens: tuple[int, ...] = _help("token counts T to time", default=(128, 512, 2048))
+    formats: tuple[str, ...] = _help("kt_sft weight formats", default=("bf16", "int8", "int4"))
+    modes: tuple[str, ...] = _help("kt_sft compute modes; one that raises NotImplementedError is "
+                                   "recorded as 'unsupported'", default=("bf16", "int8"))
+    kernel_path: str | None = _help("kernel path: one name, 'all' (every available one), or None "
+                                     "(the engine's choice)", default=None)
+    threads: int = _help("threads for the kt_sft engine and for torch (baseline, ceiling)", default=2)
+    repeats: int = _help("timed runs per case (the median is reported)", default=5)
+    warmup: int = _help("untimed runs per case before timing", default=1)
+    skew: bool = _help("also time Zipf-skewed routing at the largest T", default=True)
+    baseline: bool = _help("also time transformers' experts module (eager and grouped_mm)", default=True)
+    seed: int = _help("seed for weights and inputs", default=0)
+    quick: bool = _help("tiny smoke configuration (seconds)", default=False)
+    out: str | None = _help("JSON path (default bench_results/kernels-<timestamp>.json)", default=None)
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "hidden", "intermediate", "threads", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise BenchConfigError(f"`{name}` must be a positive int, got {value!r}")
+        if self.warmup < 0:
+            raise BenchConfigError(f"`warmup` must be >= 0, got {self.warmup}")
+        if self.top_k > self.num_experts:
+            raise BenchConfigError(f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts})")
+        self.tokens = tuple(sorted(set(self.tokens)))
+        if not self.tokens or min(self.tokens) < 1:
+            raise BenchConfigError(f"`tokens` must be positive ints, got {self.tokens}")
+        try:
+            self.formats = tuple(Format.parse(f).value for f in self.formats)
+            self.modes = tuple(ComputeMode.parse(m).value for m in self.modes)
+        except ValueError as exc:
+            raise BenchConfigError(str(exc)) from None
+        if not self.formats or not self.modes:
+            raise BenchConfigError("need at least one format and one compute mode")
+        if self.kernel_path is not None:
+            self.kernel_path = self.kernel_path.lower()
+            if self.kernel_path != "all" and self.kernel_path not in engine.KERNEL_PATHS:
+                raise BenchConfigError(
+                    f"unknown kernel path {self.kernel_path!r}; known: all, {', '.join(engine.KERNEL_PATHS)}")
+            if not _native.available():
+                raise BenchConfigError(f"the native engine is not loaded: {_native._IMPORT_ERROR}")
+            if self.kernel_path != "all" and self.kernel_path not in engine.available_kernel_paths():
+                raise BenchConfigError(f"kernel path {self.kernel_path!r} is not available here; "
+                                       f"available: {', '.join(engine.available_kernel_paths())}")
+
+    def kernel_paths(self) -> list[str]:
+        if self.kernel_path is None:
+            return [engine.kernel_path()]
+        return engine.available_kernel_paths() if self.kernel_path == "all" else [self.kernel_path]
+
+    def workloads(self) -> list[tuple[int, str]]:
+        """(T, routing) pairs, in run order."""
+        cases = [(t, "uniform") for t in self.tokens]
+        return cases + [(self.tokens[-1], "zipf")] if self.skew else cases
+
+
+QUICK = {"num_experts": 8, "top_k": 2, "hidden": 256, "intermediate": 128, "tokens": (16, 64), "repeats": 2,
+         "warmup": 1}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _choice_list(parse):
+    def convert(text: str) -> tuple[str, ...]:
+        try:
+            return tuple(parse(v.strip()).value for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `kt-sft bench kernels`. Defaults are None so that run() can tell an explicit value
+    from a --quick preset; the real defaults live in KernelBenchConfig."""
+    h = {f.name: f.metadata["help"] for f in fields(KernelBenchConfig)}
+    d = {f.name: f.default for f in fields(KernelBenchConfig)}
+
+    def csv(v) -> str:
+        return ",".join(map(str, v))
+
+    parser.add_argument("--quick", action="store_true", default=None,
+                        help=f"{h['quick']}: " + ", ".join(f"{k}={csv(v) if isinstance(v, tuple) else v}"
+                                                          for k, v in QUICK.items()))
+    parser.add_argument("--tokens", type=_int_list, help=f"{h['tokens']}, comma-separated (default {csv(d['tokens'])})")
+    parser.add_argument("--formats", type=_choice_list(Format.parse),
+                        help=f"{h['formats']}, comma-separated (default {csv(d['formats'])})")
+    parser.add_argument("--modes", type=_choice_list(ComputeMode.parse),
+                        help=f"{h['modes']}, comma-separated (default {csv(d['modes'])})")
+    parser.add_argument("--kernel-path", dest="kernel_path", metavar="PATH",
+                        help=f"{', '.join(engine.KERNEL_PATHS)} or all (default: the engine's choice)")
+    for name, flag in (("threads", "--threads"), ("repeats", "--repeats"), ("warmup", "--warmup"),
+                       ("num_experts", "--experts"), ("top_k", "--top-k"), ("hidden", "--hidden"),
+                       ("intermediate", "--intermediate"), ("seed", "--seed")):
+        parser.add_argument(flag, dest=name, type=int, metavar="N", help=f"{h[name]} (default {d[name]})")
+    parser.add_argument("--skew", action=argparse.BooleanOptionalAction, help=f"{h['skew']} (default on)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=f"{h['baseline']} (default on)")
+    parser.add_argument("--out", metavar="PATH", help=h["out"])
+
+
+def config_from_args(args: argparse.Namespace) -> KernelBenchConfig:
+    """Dataclass defaults, overridden by the --quick preset, overridden by explicit options."""
+    values = dict(QUICK) if getattr(args, "quick", None) else {}
+    for f in fields(KernelBenchConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return KernelBenchConfig(**values)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def make_weights(cfg: KernelBenchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up_proj (E, 2I, H) and down_proj (E, H, I) in bf16, std WEIGHT_STD, one expert at a time
+    so the fp32 temporaries stay small."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    e, h, inter = cfg.num_experts, cfg.hidden, cfg.intermediate
+    gate_up = torch.empty(e, 2 * inter, h, dtype=torch.bfloat16)
+    down = torch.empty(e, h, inter, dtype=torch.bfloat16)
+    for i in range(e):
+        gate_up[i] = torch.randn(2 * inter, h, generator=g) * WEIGHT_STD
+        down[i] = torch.randn(h, inter, generator=g) * WEIGHT_STD
+    return gate_up, down
+
+
+def uniform_routing(t: int, e: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """(T, k) int64, k distinct experts per token."""
+    return torch.rand(t, e, generator=g).topk(k, dim=1).indices.contiguous()
+
+
+def zipf_routing(t: int, e: int, k: int, g: torch.Generator, s: float = ZIPF_S) -> torch.Tensor:
+    """(T, k) int64, k distinct experts per token drawn without replacement, expert j weighted 1/(j+1)^s."""
+    p = 1.0 / torch.arange(1, e + 1, dtype=torch.float64) ** s
+    return torch.multinomial(p.expand(t, e), k, replacement=False, generator=g).contiguous()
+
+
+def routing_load(idx: torch.Tensor, e: int) -> dict:
+    load = torch.bincount(idx.flatten(), minlength=e).double()
+    return {"max_over_mean": round(float(load.max() / load.mean()), 3),
+            "experts_hit": int((load > 0).sum()),
+            "expert0_share_of_tokens": round(float(load[0] / idx.shape[0]), 3)}
+
+
+def make_inputs(cfg: KernelBenchConfig, t: int, routing: str) -> dict:
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + t * 2 + (routing == "zipf"))
+    route = zipf_routing if routing == "zipf" else uniform_routing
+    idx = route(t, cfg.num_experts, cfg.top_k, g)
+    return {
+        "x": torch.randn(t, cfg.hidden, generator=g).to(torch.bfloat16),
+        "idx": idx,
+        "w": torch.softmax(torch.randn(t, cfg.top_k, generator=g), dim=1),
+        "dy": (torch.randn(t, cfg.hidden, generator=g) * 0.01).to(torch.bfloat16),
+        "load": routing_load(idx, cfg.num_experts),
+    }
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_fwd_bwd(fn, inp: dict, warmup: int, repeats: int) -> dict:
+    """Runs fn(x, idx, w) under enable_grad then y.backward(dy), each timed alone. Fresh leaf tensors
+    every run so no gradient accumulates. Returns samples (s) and the last run's outputs."""
+    fwd, bwd = [], []
+    for i in range(warmup + repeats):
+        x = inp["x"].clone().requires_grad_(True)
+        w = inp["w"].clone().requires_grad_(True)
+        with torch.enable_grad():
+            t0 = time.perf_counter()
+            y = fn(x, inp["idx"], w)
+            t1 = time.perf_counter()
+        y.backward(inp["dy"])
+        t2 = time.perf_counter()
+        if i >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return {"fwd": fwd, "bwd": bwd, "y": y.detach(), "dx": x.grad, "dw": w.grad}
+
+
+def summarize(cfg: KernelBenchConfig, t: int, samples: dict, ceiling: float | None) -> dict:
+    fwd, bwd = statistics.median(samples["fwd"]), statistics.median(samples["bwd"])
+    flops = t * cfg.top_k * 6 * cfg.hidden * cfg.intermediate  # each of fwd and bwd
+    out = {
+        "fwd_ms": fwd * 1e3, "bwd_ms": bwd * 1e3,
+        "fwd_ms_samples": [s * 1e3 for s in samples["fwd"]], "bwd_ms_samples": [s * 1e3 for s in samples["bwd"]],
+        "tokens_per_s": t / (fwd + bwd),
+        "gflops_fwd": flops / fwd / 1e9, "gflops_bwd": flops / bwd / 1e9,
+        "gflops_fwd_bwd": 2 * flops / (fwd + bwd) / 1e9,
+    }
+    out["frac_of_ceiling"] = out["gflops_fwd_bwd"] / ceiling if ceiling else None
+    return out
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _timings(fn, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def measure_machine(quick: bool) -> dict:
+    """Reference numbers taken on the benchmark's own threads: the fp32 matmul ceiling, bf16 matmul
+    in the two layouts an nn.Linear meets (forward x @ W.T, backward dy @ W), and copy bandwidth."""
+    m, k, n = CEILING_SHAPE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    fp32 = [2 * m * k * n / s / 1e9 for s in _timings(lambda: a @ b, 3, 5 if quick else 15)]
+    out = {"ceiling_gflops_torch_fp32": statistics.median(fp32), "ceiling_gflops_torch_fp32_best": max(fp32),
+           "ceiling_shape_mkn": list(CEILING_SHAPE)}
+    if not quick:  # dy @ W can be very slow in bf16 on CPUs without native bf16 (see docs), keep it small
+        x, w = torch.randn(128, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+        s = statistics.median(_timings(lambda: x @ w.T, 1, 5))
+        out["gflops_torch_bf16_x_wT_128x2048x1408"] = 2 * 128 * k * n / s / 1e9
+        dy = torch.randn(32, n, dtype=torch.bfloat16)
+        s = statistics.median(_timings(lambda: dy @ w, 1, 1))
+        out["gflops_torch_bf16_dy_w_32x1408x2048"] = 2 * 32 * k * n / s / 1e9
+    src = torch.empty((16 if quick else 64) * 2**20, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    s = statistics.median(_timings(lambda: dst.copy_(src), 1, 5))
+    out["copy_gb_per_s"] = 2 * src.numel() * 4 / s / 1e9  # bytes read + written
+    return out
+
+
+# ---------------------------------------------------------------- the two sides
+
+
+def build_baseline(cfg: KernelBenchConfig, gate_up: torch.Tensor, down: torch.Tensor):
+    """transformers' DeepseekV2Experts holding our bf16 weights as frozen parameters (no copy)."""
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+    config = DeepseekV2Config(hidden_size=cfg.hidden, moe_intermediate_size=cfg.intermediate,
+                              n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, hidden_act="silu")
+    config._experts_implementation = "eager"
+    module = DeepseekV2Experts(config)
+    module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
+    module.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    return module
+
+
+def grouped_mm_backend(module, inp: dict) -> str:
+    """Which grouped GEMM transformers' grouped_mm implementation dispatches to here."""
+    from transformers.integrations import moe
+
+    offs = torch.tensor([inp["x"].shape[0]] * module.num_experts, dtype=torch.int32)
+    w = module.gate_up_proj.transpose(-2, -1)
+    if moe._can_use_grouped_mm(inp["x"], w, offs):
+        return "torch.nn.functional.grouped_mm" if hasattr(torch.nn.functional, "grouped_mm") else "torch._grouped_mm"
+    return "transformers grouped_mm_fallback (a loop of torch.mm)"
+
+
+def _run_case(fn, cfg, t, inp, ceiling) -> tuple[dict, dict | None]:
+    try:
+        samples = time_fwd_bwd(fn, inp, cfg.warmup, cfg.repeats)
+    except NotImplementedError as exc:
+        return {"status": "unsupported", "detail": str(exc)}, None
+    except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest of the run
+        return {"status": f"error: {type(exc).__name__}: {exc}"}, None
+    return {"status": "ok", **summarize(cfg, t, samples, ceiling)}, samples
+
+
+def _ratios(ours: dict, base: dict | None) -> dict | None:
+    if base is None or ours["status"] != "ok":
+        return None
+    return {"fwd": base["fwd_ms"] / ours["fwd_ms"], "bwd": base["bwd_ms"] / ours["bwd_ms"],
+            "fwd_bwd": (base["fwd_ms"] + base["bwd_ms"]) / (ours["fwd_ms"] + ours["bwd_ms"])}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace | KernelBenchConfig) -> dict:
+    """Runs the benchmark, prints a table, writes the JSON file and returns its contents."""
+    cfg = args if isinstance(args, KernelBenchConfig) else config_from_args(args)
+    if not _native.available():
+        raise RuntimeError(f"kt_sft's native engine is not loaded: {_native._IMPORT_ERROR}")
+    started = time.perf_counter()
+    stamp = _dt.datetime.now().astimezone()
+    out_path = Path(cfg.out or f"bench_results/kernels-{stamp:%Y%m%d-%H%M%S}.json")
+
+    prev_torch_threads, prev_path = torch.get_num_threads(), engine.kernel_path()
+    torch.set_num_threads(cfg.threads)
+    engine.set_num_threads(cfg.threads)
+    try:
+        report = _run(cfg, stamp)
+    finally:
+        torch.set_num_threads(prev_torch_threads)
+        engine.set_kernel_path(prev_path)
+    report["wall_s"] = time.perf_counter() - started
+    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+    print(format_table(report))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {out_path}")
+    report["out"] = str(out_path)
+    return report
+
+
+def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
+    paths = cfg.kernel_paths()
+    workloads = cfg.workloads()
+    n_cases = len(workloads) * (len(BASELINE_IMPLS) * cfg.baseline + len(cfg.formats) * len(cfg.modes) * len(paths))
+    report = {
+        "schema": SCHEMA,
+        "timestamp": stamp.isoformat(timespec="seconds"),
+        "config": {**asdict(cfg), "kernel_paths": paths, "act_dtype": "bfloat16", "routing_weights_dtype": "float32",
+                   "weight_dtype_before_packing": "bfloat16", "weight_std": WEIGHT_STD, "zipf_s": ZIPF_S,
+                   "model_shape": "DeepSeek-V2-Lite MoE layer" if not cfg.quick else "quick smoke shape"},
+        "definitions": DEFINITIONS,
+        "versions": environment.versions(),
+        "git": environment.git_state(),
+        "engine": environment.engine_report(),
+        "machine": environment.machine(),
+        "routing_load": {},
+        "baseline": [],
+        "baseline_best": [],
+        "packing": [],
+        "results": [],
+    }
+    bar = tqdm(total=n_cases, desc="machine probe", unit="case", file=sys.stderr, dynamic_ncols=True)
+    report["machine"].update(measure_machine(cfg.quick))
+    ceiling = report["machine"]["ceiling_gflops_torch_fp32"]
+    inputs = {}
+    for t, routing in workloads:
+        inputs[(t, routing)] = make_inputs(cfg, t, routing)
+        report["routing_load"][f"{routing}/T={t}"] = inputs[(t, routing)].pop("load")
+
+    bar.set_description("weights")
+    gate_up, down = make_weights(cfg)
+    best, eager_out = {}, {}
+    if cfg.baseline:
+        module = build_baseline(cfg, gate_up, down)
+        report["config"]["grouped_mm_backend"] = grouped_mm_backend(module, inputs[workloads[0]])
+        for t, routing in workloads:
+            for impl in BASELINE_IMPLS:
+                bar.set_description(f"transformers {impl} T={t} {routing}")
+                module.config._experts_implementation = impl
+                entry, samples = _run_case(module, cfg, t, inputs[(t, routing)], ceiling)
+                report["baseline"].append({"impl": "transformers", "experts_implementation": impl, "tokens": t,
+                                           "routing": routing, **entry})
+                if impl == "eager" and samples is not None:
+                    eager_out[(t, routing)] = {k: samples[k] for k in ("y", "dx", "dw")}
+                bar.update()
+            ok = [b for b in report["baseline"] if b["tokens"] == t and b["routing"] == routing and b["status"] == "ok"]
+            if ok:
+                fastest = min(ok, key=lambda b: b["fwd_ms"] + b["bwd_ms"])
+                best[(t, routing)] = fastest
+                report["baseline_best"].append({k: fastest[k] for k in (
+                    "experts_implementation", "tokens", "routing", "fwd_ms", "bwd_ms", "tokens_per_s",
+                    "gflops_fwd_bwd", "frac_of_ceiling")})
+        del module
+
+    for fmt in cfg.formats:
+        bar.set_description(f"pack {fmt}")
+        t0 = time.perf_counter()
+        try:
+            experts = CPUExperts.from_tensors(gate_up, down, format=fmt)
+        except Exception as exc:  # noqa: BLE001
+            report["packing"].append({"format": fmt, "status": f"error: {type(exc).__name__}: {exc}"})
+            for t, routing in workloads:
+                for mode in cfg.modes:
+                    for path in paths:
+                        report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
+                                                  "tokens": t, "routing": routing, "status": "error: packing failed"})
+                        bar.update()
+            continue
+        report["packing"].append({"format": fmt, "status": "ok", "pack_s": time.perf_counter() - t0,
+                                  "packed_mib": experts.packed.nbytes / 2**20})
+        for t, routing in workloads:
+            for mode in cfg.modes:
+                experts.compute_mode = ComputeMode.parse(mode)
+                for path in paths:
+                    bar.set_description(f"kt_sft {fmt}/{mode}/{path} T={t} {routing}")
+                    engine.set_kernel_path(path)
+                    entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)], ceiling)
+                    entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing)))
+                    ref = eager_out.get((t, routing))
+                    if samples is not None and ref is not None:
+                        entry["rel_err_vs_eager"] = {k: _rel_err(samples[k], ref[k]) for k in ("y", "dx", "dw")}
+                    report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
+                                              "tokens": t, "routing": routing, **entry})
+                    bar.update()
+        del experts
+    bar.set_description("done")
+    bar.close()
+    return report
+
+
+# ---------------------------------------------------------------- table
+
+
+def format_table(report: dict) -> str:
+    m = report["machine"]
+    cfg = report["config"]
+    head = [
+        (f"kernel benchmark  E={cfg['num_experts']} k={cfg['top_k']} H={cfg['hidden']} I={cfg['intermediate']}  "
+         f"threads={cfg['threads']}  repeats={cfg['repeats']} (median)  warmup={cfg['warmup']}"),
+        f"cpu: {m['cpu_model']}  flags: {' '.join(m.get('cpu_flags') or [])}",
+        (f"ceiling (torch fp32 matmul {'x'.join(map(str, m['ceiling_shape_mkn']))}): "
+         f"{m['ceiling_gflops_torch_fp32']:.1f} GFLOP/s median, {m['ceiling_gflops_torch_fp32_best']:.1f} best"),
+        "FLOPs: fwd = bwd = T*k*6*H*I; 'vs base' = faster transformers time / kt_sft time (>1: kt_sft faster)",
+    ]
+    cols = ("impl", "fmt", "mode", "path", "T", "routing", "fwd ms", "bwd ms", "tok/s", "GFLOP/s", "%ceil",
+            "vs base", "status")
+    rows = []
+
+    def num(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    def row(impl, fmt, mode, path, r):
+        ok = r["status"] == "ok"
+        ratio = (r.get("ratio_vs_baseline") or {}).get("fwd_bwd")
+        frac = r.get("frac_of_ceiling")
+        rows.append((impl, fmt, mode, path, str(r["tokens"]), r["routing"],
+                     num(r.get("fwd_ms") if ok else None, ".1f"), num(r.get("bwd_ms") if ok else None, ".1f"),
+                     num(r.get("tokens_per_s") if ok else None, ".1f"),
+                     num(r.get("gflops_fwd_bwd") if ok else None, ".2f"),
+                     num(100 * frac if ok and frac is not None else None, ".1f"),
+                     num(ratio, ".2f"), r["status"][:60]))
+
+    order = {(t, rt): i for i, (t, rt) in enumerate(
+        dict.fromkeys((r["tokens"], r["routing"]) for r in report["baseline"] + report["results"]))}
+    best = {(b["tokens"], b["routing"]): b["experts_implementation"] for b in report["baseline_best"]}
+    for r in sorted(report["baseline"], key=lambda r: order[(r["tokens"], r["routing"])]):
+        mark = "*" if best.get((r["tokens"], r["routing"])) == r["experts_implementation"] else ""
+        row(f"hf {r['experts_implementation']}{mark}", "bf16", "-", "torch", r)
+    for r in sorted(report["results"], key=lambda r: order[(r["tokens"], r["routing"])]):
+        row("kt_sft", r["format"], r["mode"], r["kernel_path"], r)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    lines = [" ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += [" ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    foot = "hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm"
+    return "\n".join(head + [""] + lines + ["", foot])

@@ -1,0 +1,143 @@
+"""What this machine and install look like: CPU, memory, package versions, git state, engine.
+
+Shared by `kt-sft doctor` and the benchmarks (whose JSON records the same facts). Every probe
+tolerates failure and says so in its value: a report must never crash because /proc or git is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from kt_sft import _native
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_VERSIONED_PACKAGES = ("kt_sft", "torch", "transformers", "cffi", "numpy", "tqdm")
+_ENV_VARS = ("KT_SFT_ISA", "KT_SFT_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def cpu_model() -> str | None:
+    """`model name` from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def meminfo_gib() -> dict[str, float | None]:
+    """MemTotal and MemAvailable from /proc/meminfo, in GiB (None where unreadable)."""
+    out: dict[str, float | None] = {"total_gib": None, "available_gib": None}
+    keys = {"MemTotal": "total_gib", "MemAvailable": "available_gib"}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name in keys:
+                    out[keys[name]] = round(int(rest.split()[0]) / 2**20, 2)  # the file says kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def usable_cpus() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count()
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions read from package metadata (no heavy imports), plus Python's."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_state(repo: Path = _REPO_ROOT) -> dict:
+    """{'commit', 'dirty', 'changed'} of the checkout holding kt_sft; 'error' instead when git fails
+    (not a checkout, git missing). Untracked, non-ignored files count as dirty."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True,
+                              check=True, timeout=10).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        return {"commit": None, "dirty": None, "error": detail.strip()}
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
+
+
+def machine() -> dict:
+    """The hardware facts a benchmark result depends on. cpu_flags come from the engine's own CPUID
+    probe, so they name what the kernels can use, not everything the CPU has."""
+    info = {
+        "cpu_model": cpu_model(),
+        "arch": platform.machine(),
+        "nproc": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
+        "memory": meminfo_gib(),
+        "os": platform.platform(),
+    }
+    info["cpu_flags"] = engine_report().get("cpu_flags")
+    return info
+
+
+def engine_report() -> dict:
+    """engine_info() plus whether the native module loaded; the load error instead of a crash."""
+    from kt_sft import engine
+
+    if not _native.available():
+        return {"native_loaded": False, "native_error": str(_native._IMPORT_ERROR)}
+    return {"native_loaded": True, **engine.engine_info()}
+
+
+def doctor_report() -> dict:
+    return {
+        "engine": engine_report(),
+        "machine": {k: v for k, v in machine().items() if k != "cpu_flags"},
+        "versions": versions(),
+        "env": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
+        "python_executable": sys.executable,
+    }
+
+
+def format_doctor_report(report: dict) -> str:
+    eng, mach, ver = report["engine"], report["machine"], report["versions"]
+    mem = mach["memory"]
+
+    def gib(v: float | None) -> str:
+        return "?" if v is None else f"{v:.1f} GiB"
+
+    if eng["native_loaded"]:
+        lines = [
+            f"native engine     loaded (abi {eng['abi_version']})",
+            f"kernel path       {eng['kernel_path']}",
+            f"available paths   {', '.join(eng['available_kernel_paths'])}",
+            f"threads           {eng['threads']}",
+            f"cpu flags         {' '.join(eng['cpu_flags']) or '(none of those the engine probes)'}",
+        ]
+    else:
+        lines = [f"native engine     NOT LOADED: {eng['native_error']}"]
+    lines += [
+        f"cpu               {mach['cpu_model'] or '?'} ({mach['arch']})",
+        f"cpus              {mach['nproc']} ({mach['usable_cpus']} usable by this process)",
+        f"memory            {gib(mem['total_gib'])} total, {gib(mem['available_gib'])} available",
+        "versions          " + ", ".join(f"{k} {v or 'not installed'}" for k, v in ver.items()),
+    ]
+    if report["env"]:
+        lines.append("environment       " + " ".join(f"{k}={v}" for k, v in report["env"].items()))
+    return "\n".join(lines)

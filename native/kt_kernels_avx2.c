@@ -1,0 +1,169 @@
+/* AVX2 + FMA kernels (x86-64 only; compiled with a target pragma, chosen at run time).
+ *
+ * Both directions run one register-blocked micro-kernel: a 6 x 16 fp32 tile of outputs,
+ *   acc[m][0..16) += a[m][k] * P[k][0..16)      (a[m][k] broadcast, P a packed panel row)
+ * over the contraction index k. The panel P is the dequantized weights in k-major order:
+ *   nt (forward, W[n][k] rows): P[k][j] = W[n0+j][k]  -- 16 rows transposed, 8x8 blocks in registers
+ *   tn (backward, W^T):         P[n][j] = W[n][c0+j]  -- 16-column segments of consecutive rows
+ * A panel is built once per 16 outputs and reused by every token of the expert, so the
+ * dequantization cost is divided by the number of tokens. 12 accumulators + 2 panel vectors +
+ * 1 broadcast fill the 16 ymm registers.
+ */
+#include "kt_internal.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#define MR 6
+#define NR 16
+
+/* 8 dequantized weights W[n][k..k+8), k a multiple of 8 inside K_pad. */
+static inline __m256 load8(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
+    const uint8_t *row = mat + (size_t)n * L->row_bytes;
+    switch (L->format) {
+    case KT_FORMAT_BF16: {
+        __m128i v = _mm_loadu_si128((const __m128i *)(row + 2 * k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    }
+    case KT_FORMAT_INT8: {
+        __m128i v = _mm_loadl_epi64((const __m128i *)(row + k));
+        const float d = ((const float *)(mat + L->scales_offset))[n];
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_set1_ps(d));
+    }
+    default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
+        const int64_t b = k / KT_INT4_BLOCK, j = k % KT_INT4_BLOCK;
+        const uint16_t dh = ((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b];
+        __m128i v = _mm_loadl_epi64((const __m128i *)(row + b * (KT_INT4_BLOCK / 2) + (j & 15)));
+        __m256i q = _mm256_cvtepu8_epi32(v);
+        if (j >= 16) q = _mm256_srli_epi32(q, 4);
+        q = _mm256_sub_epi32(_mm256_and_si256(q, _mm256_set1_epi32(0xf)), _mm256_set1_epi32(8));
+        const float d = _cvtsh_ss(dh);
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d));
+    }
+    }
+}
+
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* P[k][j] = W[n0 + j][k] for k < Kr (Kr = K rounded up to 8), j < 16; rows past N are zero. */
+static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr, float *P) {
+    const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
+    for (int64_t k = 0; k < Kr; k += 8) {
+        for (int half = 0; half < 2; half++) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t j = half * 8 + i;
+                r[i] = j < rows ? load8(L, mat, n0 + j, k) : _mm256_setzero_ps();
+            }
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_store_ps(P + (k + i) * NR + half * 8, r[i]);
+        }
+    }
+}
+
+/* P[n][j] = W[n][c0 + j] for n < N, j < 16 (c0 a multiple of 16, inside K_pad). */
+static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, float *P) {
+    for (int64_t n = 0; n < L->N; n++) {
+        _mm256_store_ps(P + n * NR, load8(L, mat, n, c0));
+        _mm256_store_ps(P + n * NR + 8, load8(L, mat, n, c0 + 8));
+    }
+}
+
+/* acc[MR][NR] = sum_{k<Kc} a[m][k] * P[k][:] */
+static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P, float out[MR][NR]) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+    for (int64_t k = 0; k < Kc; k++) {
+        const __m256 p0 = _mm256_load_ps(P + k * NR), p1 = _mm256_load_ps(P + k * NR + 8);
+        __m256 b;
+        b = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
+        b = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
+        b = _mm256_broadcast_ss(a2 + k); c20 = _mm256_fmadd_ps(b, p0, c20); c21 = _mm256_fmadd_ps(b, p1, c21);
+        b = _mm256_broadcast_ss(a3 + k); c30 = _mm256_fmadd_ps(b, p0, c30); c31 = _mm256_fmadd_ps(b, p1, c31);
+        b = _mm256_broadcast_ss(a4 + k); c40 = _mm256_fmadd_ps(b, p0, c40); c41 = _mm256_fmadd_ps(b, p1, c41);
+        b = _mm256_broadcast_ss(a5 + k); c50 = _mm256_fmadd_ps(b, p0, c50); c51 = _mm256_fmadd_ps(b, p1, c51);
+    }
+    _mm256_storeu_ps(out[0], c00); _mm256_storeu_ps(out[0] + 8, c01);
+    _mm256_storeu_ps(out[1], c10); _mm256_storeu_ps(out[1] + 8, c11);
+    _mm256_storeu_ps(out[2], c20); _mm256_storeu_ps(out[2] + 8, c21);
+    _mm256_storeu_ps(out[3], c30); _mm256_storeu_ps(out[3] + 8, c31);
+    _mm256_storeu_ps(out[4], c40); _mm256_storeu_ps(out[4] + 8, c41);
+    _mm256_storeu_ps(out[5], c50); _mm256_storeu_ps(out[5] + 8, c51);
+}
+
+/* Runs the micro-kernel over all M rows for one panel and writes columns [col, col+width) of the
+ * outputs (col relative to the output rows). Tail rows read a zero row. */
+static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64_t col, int64_t width,
+                             const float *zeros) {
+    float acc[MR][NR];
+    for (int64_t m0 = 0; m0 < g->M; m0 += MR) {
+        const int64_t mr = g->M - m0 < MR ? g->M - m0 : MR;
+        const float *a[MR];
+        for (int i = 0; i < MR; i++) a[i] = i < mr ? g->a_rows[m0 + i] : zeros;
+        ukernel(Kc, a, P, acc);
+        for (int64_t i = 0; i < mr; i++) {
+            float *o = g->out_rows[m0 + i] + col;
+            const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
+            if (width == NR) {
+                __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(acc[i]), _mm256_set1_ps(s));
+                __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + 8), _mm256_set1_ps(s));
+                if (g->accumulate) {
+                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+                }
+                _mm256_storeu_ps(o, v0);
+                _mm256_storeu_ps(o + 8, v1);
+            } else {
+                for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[i][j] : s * acc[i][j];
+            }
+        }
+    }
+}
+
+/* Scratch: [panel: NR * max(K_pad, N) floats][zeros: max(K, N) floats], 32-byte aligned. */
+static void nt_avx2(const kt_gemm *g) {
+    const int64_t K = g->L->K, Kr = (K + 7) & ~(int64_t)7;
+    float *P = g->scratch, *zeros = P + NR * Kr;
+    memset(zeros, 0, sizeof(float) * (size_t)K);
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
+        panel_rows_transposed(g->L, g->w, n0, Kr, P);
+        const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
+        panel_times_rows(g, P, K, n0 - g->lo, width, zeros);
+    }
+}
+
+static void tn_avx2(const kt_gemm *g) {
+    const int64_t N = g->L->N;
+    float *P = g->scratch, *zeros = P + NR * N;
+    memset(zeros, 0, sizeof(float) * (size_t)N);
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
+        panel_columns(g->L, g->w, c0, P);
+        const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
+        panel_times_rows(g, P, N, c0 - g->lo, width, zeros);
+    }
+}
+
+const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2};
+
+#pragma GCC pop_options
+#endif
