@@ -104,3 +104,77 @@ def moe_backward(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy):
     y = moe_forward(x, top_k_index, w, gate_up_proj.detach(), down_proj.detach())
     dx, dw = torch.autograd.grad(y, (x, w), dy, allow_unused=True)
     return (torch.zeros_like(x) if dx is None else dx), (torch.zeros_like(w) if dw is None else dw)
+
+
+# ---- the int8 compute mode -------------------------------------------------------------------
+
+
+def quantize_activations(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int8 quantization as the engine does it (fp32 math): v ~= s[:, None] * q,
+    s = absmax / 127. Rows with NaN/Inf get s = NaN."""
+    v = v.to(torch.float32)
+    amax = v.abs().amax(dim=1) if v.shape[1] else torch.zeros(v.shape[0])
+    s = amax / 127.0
+    inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
+    q = torch.round(v * inv[:, None])
+    finite = torch.isfinite(amax)
+    q = torch.where(finite[:, None], q, torch.zeros_like(q))
+    s = torch.where(finite, s, torch.full_like(s, float("nan")))
+    return q, s
+
+
+def _int8_quants(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized int8-format weights (E, N, K) -> integer quants and per-row scales."""
+    d = w.abs().amax(dim=2) / 127.0
+    q = torch.round(w / torch.where(d > 0, d, torch.ones_like(d))[..., None])
+    return q, d
+
+
+def moe_forward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """Twin of the engine's int8 compute mode (forward): x quantized per token, h per pair, products
+    on the dequantized weights in float64. Not differentiable; see moe_backward_int8."""
+    inter = down_proj.shape[2]
+    xq, xs = quantize_activations(x)
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for e in torch.unique(top_k_index).tolist():
+        tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+        gu = (xq[tok].double() @ gate_up_proj[e].double().T) * xs[tok, None].double()
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        hq, hs = quantize_activations(h)
+        out = (hq.double() @ down_proj[e].double().T) * hs[:, None].double()
+        y.index_add_(0, tok, out * top_k_weights[tok, slot, None].double())
+    return y
+
+
+def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, fmt):
+    """Twin of the engine's int8-mode backward: for int8 weights the incoming gradients, with the
+    weights' per-row scales folded in, are quantized per pair; int4 weights use exact activations."""
+    inter = down_proj.shape[2]
+    x64, w64, dy64 = x.double(), top_k_weights.double(), dy.double()
+    xq, xs = quantize_activations(x)
+    q_bwd = Format.parse(fmt) is Format.INT8
+    if q_bwd:
+        gq, gd = _int8_quants(gate_up_proj.double())
+        dq, dd = _int8_quants(down_proj.double())
+    dx = torch.zeros_like(x64)
+    dw = torch.zeros_like(w64)
+    for e in torch.unique(top_k_index).tolist():
+        tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+        gu = (xq[tok].double() @ gate_up_proj[e].double().T) * xs[tok, None].double()
+        g, u = gu[:, :inter], gu[:, inter:]
+        s = torch.sigmoid(g)
+        h = g * s * u
+        if q_bwd:
+            zq, zs = quantize_activations(dy64[tok] * dd[e])
+            dhu = (zq.double() @ dq[e]) * zs[:, None].double()
+        else:
+            dhu = dy64[tok] @ down_proj[e].double()
+        dw[tok, slot] = (h * dhu).sum(dim=1)
+        dh = dhu * w64[tok, slot, None]
+        dgu = torch.cat([dh * u * s * (1 + g * (1 - s)), dh * g * s], dim=1)
+        if q_bwd:
+            zq, zs = quantize_activations(dgu * gd[e])
+            dx.index_add_(0, tok, (zq.double() @ gq[e]) * zs[:, None].double())
+        else:
+            dx.index_add_(0, tok, dgu @ gate_up_proj[e].double())
+    return dx, dw

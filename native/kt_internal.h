@@ -75,35 +75,46 @@ void *kt_workspace(size_t bytes);
 /* ---- kernels ------------------------------------------------------------------------------ */
 
 /* One product against one packed matrix W (N x K), for M activation rows.
- *   nt: out_rows[m][n - n0]  = alpha[m] * sum_k a_rows[m][k] * W[n][k]     for n in [n0, n1)
- *       (accumulate: +=).                                   dot products, the forward direction
- *   tn: out_rows[m][c - c0] += alpha[m] * sum_n a_rows[m][n] * W[n][c]     for c in [c0, c1)
- *       (accumulate, or = when !accumulate).                the transposed, backward direction
- * Activations are fp32 here (already rounded to the compute mode's precision by the caller). */
+ *   nt: out_rows[m][n - lo] (+)= alpha[m] * sum_k a[m][k] * W[n][k]    for n in [lo, hi)
+ *                                                         dot products, the forward direction
+ *   tn: out_rows[m][c - lo] (+)= alpha[m] * sum_n a[m][n] * W[n][c]    for c in [lo, hi)
+ *                                                         the transposed, backward direction
+ * Float rows (a_scale == NULL) are fp32, already rounded to the compute mode's precision.
+ * int8 rows (a_scale != NULL): a[m][k] = a_scale[m] * q[m][k], q zero-padded to a multiple of 64.
+ * In tn with int8 rows the weights' per-row scales are already folded into q (int8 weights only),
+ * so tn_q8 multiplies by the integer quants alone. */
 typedef struct {
     const kt_matrix_layout *L;
     const uint8_t *w;
     int act_mode;
     int64_t M;
-    const float *const *a_rows;
+    const void *const *a_rows;  /* M rows: const float * or const int8_t * */
+    const float *a_scale;       /* M scales for int8 rows, else NULL */
     float *const *out_rows;
-    const float *alpha;      /* M multipliers, or NULL for 1 */
-    int64_t lo, hi;          /* output range: rows [lo, hi) for nt, columns [lo, hi) for tn */
-    int accumulate;
-    float *scratch;          /* per-thread, 32-byte aligned, kt_gemm_scratch_floats(N, K_pad) floats */
+    const float *alpha;         /* M multipliers, or NULL for 1 */
+    int64_t lo, hi;
+    int accumulate;             /* += (else =) */
+    float *scratch;             /* per-thread, 32-byte aligned, kt_gemm_scratch_floats(N, K_pad) floats */
 } kt_gemm;
 
-/* Scratch any kernel may use for one matrix: a 16-wide panel over max(K_pad, N), plus a row. */
+/* Scratch any kernel may use for one matrix: a 16-wide panel over max(K_pad, N), a row, and a
+ * 128 x 16 tile of partial sums. */
 static inline int64_t kt_gemm_scratch_floats(int64_t N, int64_t K_pad) {
     int64_t m = N > K_pad ? N : K_pad;
-    return (16 * m + m + 64 + 15) & ~(int64_t)15;
+    return (16 * m + m + 16 + 128 * 16 + 15) & ~(int64_t)15;
 }
 
 typedef struct {
     const char *name;
     void (*nt)(const kt_gemm *g);
     void (*tn)(const kt_gemm *g);
+    void (*nt_q8)(const kt_gemm *g);
+    void (*tn_q8)(const kt_gemm *g);
 } kt_kernels;
+
+/* The scalar int8-activation products, shared by paths without their own. */
+void kt_nt_q8_scalar(const kt_gemm *g);
+void kt_tn_q8_scalar(const kt_gemm *g);
 
 extern const kt_kernels kt_kernels_scalar;
 #if defined(__x86_64__)

@@ -88,10 +88,19 @@ static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t
     }
 }
 
-/* acc[MR][NR] = sum_{k<Kc} a[m][k] * P[k][:] */
-static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P, float out[MR][NR]) {
-    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+/* c[MR][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load) */
+static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P, float c[MR][NR], int load) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (load) {
+        c00 = _mm256_loadu_ps(c[0]); c01 = _mm256_loadu_ps(c[0] + 8);
+        c10 = _mm256_loadu_ps(c[1]); c11 = _mm256_loadu_ps(c[1] + 8);
+        c20 = _mm256_loadu_ps(c[2]); c21 = _mm256_loadu_ps(c[2] + 8);
+        c30 = _mm256_loadu_ps(c[3]); c31 = _mm256_loadu_ps(c[3] + 8);
+        c40 = _mm256_loadu_ps(c[4]); c41 = _mm256_loadu_ps(c[4] + 8);
+        c50 = _mm256_loadu_ps(c[5]); c51 = _mm256_loadu_ps(c[5] + 8);
+    } else {
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    }
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < Kc; k++) {
         const __m256 p0 = _mm256_load_ps(P + k * NR), p1 = _mm256_load_ps(P + k * NR + 8);
@@ -103,30 +112,40 @@ static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P,
         b = _mm256_broadcast_ss(a4 + k); c40 = _mm256_fmadd_ps(b, p0, c40); c41 = _mm256_fmadd_ps(b, p1, c41);
         b = _mm256_broadcast_ss(a5 + k); c50 = _mm256_fmadd_ps(b, p0, c50); c51 = _mm256_fmadd_ps(b, p1, c51);
     }
-    _mm256_storeu_ps(out[0], c00); _mm256_storeu_ps(out[0] + 8, c01);
-    _mm256_storeu_ps(out[1], c10); _mm256_storeu_ps(out[1] + 8, c11);
-    _mm256_storeu_ps(out[2], c20); _mm256_storeu_ps(out[2] + 8, c21);
-    _mm256_storeu_ps(out[3], c30); _mm256_storeu_ps(out[3] + 8, c31);
-    _mm256_storeu_ps(out[4], c40); _mm256_storeu_ps(out[4] + 8, c41);
-    _mm256_storeu_ps(out[5], c50); _mm256_storeu_ps(out[5] + 8, c51);
+    _mm256_storeu_ps(c[0], c00); _mm256_storeu_ps(c[0] + 8, c01);
+    _mm256_storeu_ps(c[1], c10); _mm256_storeu_ps(c[1] + 8, c11);
+    _mm256_storeu_ps(c[2], c20); _mm256_storeu_ps(c[2] + 8, c21);
+    _mm256_storeu_ps(c[3], c30); _mm256_storeu_ps(c[3] + 8, c31);
+    _mm256_storeu_ps(c[4], c40); _mm256_storeu_ps(c[4] + 8, c41);
+    _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
 }
 
-/* Runs the micro-kernel over all M rows for one panel and writes columns [col, col+width) of the
- * outputs (col relative to the output rows). Tail rows read a zero row. */
+/* Cache blocking: a KC-deep slice of the panel (KC * 16 floats = 16 KB) stays in L1 while the
+ * tiles of up to MC tokens walk over it; their partial sums wait in a small C buffer. */
+#define KC 256
+#define MC 96
+
+/* Runs the micro-kernel over all M rows for one panel (contraction length Kc) and writes columns
+ * [col, col+width) of the outputs (col relative to the output rows). Tail rows read a zero row. */
 static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64_t col, int64_t width,
-                             const float *zeros) {
-    float acc[MR][NR];
-    for (int64_t m0 = 0; m0 < g->M; m0 += MR) {
-        const int64_t mr = g->M - m0 < MR ? g->M - m0 : MR;
-        const float *a[MR];
-        for (int i = 0; i < MR; i++) a[i] = i < mr ? g->a_rows[m0 + i] : zeros;
-        ukernel(Kc, a, P, acc);
-        for (int64_t i = 0; i < mr; i++) {
-            float *o = g->out_rows[m0 + i] + col;
-            const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
+                             const float *zeros, float (*cbuf)[NR]) {
+    for (int64_t mc = 0; mc < g->M; mc += MC) {
+        const int64_t mlen = g->M - mc < MC ? g->M - mc : MC;
+        for (int64_t k0 = 0; k0 < Kc; k0 += KC) {
+            const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
+            for (int64_t m0 = 0; m0 < mlen; m0 += MR) {
+                const float *a[MR];
+                for (int i = 0; i < MR; i++) a[i] = (m0 + i < mlen ? (const float *)g->a_rows[mc + m0 + i] : zeros) + k0;
+                ukernel(kl, a, P + k0 * NR, cbuf + m0, k0 > 0);
+            }
+        }
+        for (int64_t i = 0; i < mlen; i++) {
+            const float *acc = cbuf[i];
+            float *o = g->out_rows[mc + i] + col;
+            const float s = g->alpha ? g->alpha[mc + i] : 1.0f;
             if (width == NR) {
-                __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(acc[i]), _mm256_set1_ps(s));
-                __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(acc[i] + 8), _mm256_set1_ps(s));
+                __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(s));
+                __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(acc + 8), _mm256_set1_ps(s));
                 if (g->accumulate) {
                     v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
                     v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
@@ -134,36 +153,38 @@ static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64
                 _mm256_storeu_ps(o, v0);
                 _mm256_storeu_ps(o + 8, v1);
             } else {
-                for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[i][j] : s * acc[i][j];
+                for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[j] : s * acc[j];
             }
         }
     }
 }
 
-/* Scratch: [panel: NR * max(K_pad, N) floats][zeros: max(K, N) floats], 32-byte aligned. */
+/* Scratch: [panel: NR * max(K_pad, N)][zeros: max(K, N)][C buffer: (MC + MR) * NR] floats. */
 static void nt_avx2(const kt_gemm *g) {
     const int64_t K = g->L->K, Kr = (K + 7) & ~(int64_t)7;
     float *P = g->scratch, *zeros = P + NR * Kr;
+    float (*cbuf)[NR] = (float (*)[NR])(zeros + ((K + 15) & ~(int64_t)15));
     memset(zeros, 0, sizeof(float) * (size_t)K);
     for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
         panel_rows_transposed(g->L, g->w, n0, Kr, P);
         const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
-        panel_times_rows(g, P, K, n0 - g->lo, width, zeros);
+        panel_times_rows(g, P, K, n0 - g->lo, width, zeros, cbuf);
     }
 }
 
 static void tn_avx2(const kt_gemm *g) {
     const int64_t N = g->L->N;
     float *P = g->scratch, *zeros = P + NR * N;
+    float (*cbuf)[NR] = (float (*)[NR])(zeros + ((N + 15) & ~(int64_t)15));
     memset(zeros, 0, sizeof(float) * (size_t)N);
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
         panel_columns(g->L, g->w, c0, P);
         const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
-        panel_times_rows(g, P, N, c0 - g->lo, width, zeros);
+        panel_times_rows(g, P, N, c0 - g->lo, width, zeros, cbuf);
     }
 }
 
-const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2};
+const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2, kt_nt_q8_scalar, kt_tn_q8_scalar};
 
 #pragma GCC pop_options
 #endif

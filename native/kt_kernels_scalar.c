@@ -1,8 +1,10 @@
 /* The portable scalar kernels: the reference every SIMD path is tested against. */
 #include "kt_internal.h"
 
-static void load_row(const kt_gemm *g, int64_t n, int64_t c0, int64_t c1, float *out) {
-    kt_dequant_row_segment(g->L, g->w, n, c0, c1, out);
+static void store(const kt_gemm *g, int64_t m, int64_t col, float acc) {
+    if (g->alpha) acc *= g->alpha[m];
+    float *o = g->out_rows[m] + col;
+    *o = g->accumulate ? *o + acc : acc;
 }
 
 /* out[m][n - lo] (+)= alpha[m] * <a[m], W[n]> */
@@ -10,14 +12,12 @@ static void nt_scalar(const kt_gemm *g) {
     const int64_t K = g->L->K;
     float *wrow = g->scratch; /* K */
     for (int64_t n = g->lo; n < g->hi; n++) {
-        load_row(g, n, 0, K, wrow);
+        kt_dequant_row_segment(g->L, g->w, n, 0, K, wrow);
         for (int64_t m = 0; m < g->M; m++) {
             const float *a = g->a_rows[m];
             float acc = 0.0f;
             for (int64_t k = 0; k < K; k++) acc += a[k] * wrow[k];
-            if (g->alpha) acc *= g->alpha[m];
-            float *o = g->out_rows[m] + (n - g->lo);
-            *o = g->accumulate ? *o + acc : acc;
+            store(g, m, n - g->lo, acc);
         }
     }
 }
@@ -29,13 +29,62 @@ static void tn_scalar(const kt_gemm *g) {
     if (!g->accumulate)
         for (int64_t m = 0; m < g->M; m++) memset(g->out_rows[m], 0, sizeof(float) * (size_t)C);
     for (int64_t n = 0; n < N; n++) {
-        load_row(g, n, g->lo, g->hi, seg);
+        kt_dequant_row_segment(g->L, g->w, n, g->lo, g->hi, seg);
         for (int64_t m = 0; m < g->M; m++) {
-            const float coef = g->alpha ? g->alpha[m] * g->a_rows[m][n] : g->a_rows[m][n];
+            const float *a = g->a_rows[m];
+            const float coef = g->alpha ? g->alpha[m] * a[n] : a[n];
             float *o = g->out_rows[m];
             for (int64_t c = 0; c < C; c++) o[c] += coef * seg[c];
         }
     }
 }
 
-const kt_kernels kt_kernels_scalar = {"scalar", nt_scalar, tn_scalar};
+/* int8 activations: integer sums per row (int8 weights) or per 32-block (int4 weights, whose
+ * fp16 scale varies along k), then the scales. Exact integer arithmetic: K <= 2^17 keeps the
+ * int32 sums of products <= 127 * 127 from overflowing (checked in Python). */
+void kt_nt_q8_scalar(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K_pad = L->K_pad;
+    for (int64_t n = g->lo; n < g->hi; n++) {
+        const uint8_t *row = g->w + (size_t)n * L->row_bytes;
+        for (int64_t m = 0; m < g->M; m++) {
+            const int8_t *q = g->a_rows[m];
+            float acc;
+            if (L->format == KT_FORMAT_INT8) {
+                const int8_t *wq = (const int8_t *)row;
+                int32_t s = 0;
+                for (int64_t k = 0; k < K_pad; k++) s += (int32_t)q[k] * wq[k];
+                acc = (float)s * ((const float *)(g->w + L->scales_offset))[n];
+            } else {
+                const uint16_t *d = (const uint16_t *)(g->w + L->scales_offset) + n * (K_pad / KT_INT4_BLOCK);
+                acc = 0.0f;
+                for (int64_t b = 0; b < K_pad / KT_INT4_BLOCK; b++) {
+                    const uint8_t *qs = row + b * (KT_INT4_BLOCK / 2);
+                    const int8_t *qa = q + b * KT_INT4_BLOCK;
+                    int32_t s = 0;
+                    for (int j = 0; j < 16; j++)
+                        s += qa[j] * ((qs[j] & 0x0f) - 8) + qa[j + 16] * ((qs[j] >> 4) - 8);
+                    acc += (float)s * kt_fp16_to_f32(d[b]);
+                }
+            }
+            store(g, m, n - g->lo, acc * g->a_scale[m]);
+        }
+    }
+}
+
+/* int8 weights only: out[m][c] (+)= alpha[m] * a_scale[m] * sum_n q[m][n] * Wq[n][c] */
+void kt_tn_q8_scalar(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    assert(L->format == KT_FORMAT_INT8);
+    const int64_t N = L->N;
+    for (int64_t m = 0; m < g->M; m++) {
+        const int8_t *q = g->a_rows[m];
+        for (int64_t c = g->lo; c < g->hi; c++) {
+            int32_t s = 0;
+            for (int64_t n = 0; n < N; n++) s += (int32_t)q[n] * ((const int8_t *)(g->w + (size_t)n * L->row_bytes))[c];
+            store(g, m, c - g->lo, (float)s * g->a_scale[m]);
+        }
+    }
+}
+
+const kt_kernels kt_kernels_scalar = {"scalar", nt_scalar, tn_scalar, kt_nt_q8_scalar, kt_tn_q8_scalar};

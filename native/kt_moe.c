@@ -12,6 +12,11 @@
  *       dgu[p]         = [dh * u * silu'(g), dh * silu(g)],  dh = w[p] * dhu[p]
  *   B3  dx[t]          = sum_j W_gu[e]^T dgu[p]                                tasks: H blocks
  *
+ * In the int8 compute mode the products read int8 activation rows with one scale each: x per token
+ * (F0), h per pair (F1q), and in the backward -- int8 weights only -- the incoming gradients with the
+ * weights' per-row scales folded in, per pair (B0q: dy * d_down, B2q: dgu * d_gate_up), so the
+ * integer sums need no scale inside them. int4 weights keep fp32 activations in the backward.
+ *
  * F2 and B3 own a block of output columns and walk the experts in order inside the task, so no two
  * threads write the same element and the summation order does not depend on the thread count:
  * results are bitwise repeatable.
@@ -59,13 +64,40 @@ typedef struct {
     float *gu;        /* (P, 2I) */
     float *h;         /* (P, I) */
     float *dgu;       /* (P, 2I) */
-    /* per thread: M activation pointers, M output pointers, M multipliers, scratch floats */
-    const float **arows;
+    int q_fwd, q_bwd; /* int8 activations in the forward / backward products */
+    int64_t xq_ld, hq_ld, zq_ld;  /* row strides (bytes) of the quantized buffers, multiples of 64 */
+    int8_t *xq, *hq, *zq;         /* (T, xq_ld) x; (P, hq_ld) h; (P, zq_ld) folded gradients */
+    float *xs, *hs, *zs;          /* their row scales */
+    /* per thread: M activation pointers, M output pointers, M multipliers, M scales, scratch */
+    const void **arows;
     float **orows;
     float *alpha;
+    float *ascale;
     float *scratch;
     size_t scratch_floats;
 } moe_job;
+
+/* q = round(v / s), s = absmax / 127, zero padding to n_pad. A non-finite row gets s = NaN (its
+ * products become NaN, as the float path would give) and q = 0. */
+static float quantize_act_row(const float *v, int64_t n, int64_t n_pad, int8_t *q) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(v[i]);
+        finite &= a <= 3.402823466e38f;
+        amax = a > amax ? a : amax;
+    }
+    memset(q + n, 0, (size_t)(n_pad - n));
+    if (!finite) {
+        memset(q, 0, (size_t)n);
+        return NAN;
+    }
+    const float sc = amax / 127.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+    for (int64_t i = 0; i < n; i++) q[i] = (int8_t)lrintf(v[i] * inv);
+    return sc;
+}
+
+static int64_t round64(int64_t v) { return (v + 63) & ~(int64_t)63; }
 
 static float to_compute(float v, int mode) { return mode == KT_ACT_BF16 ? kt_round_bf16(v) : v; }
 
@@ -80,8 +112,12 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->a = a;
     j->kern = kt_active_kernels();
     if (!j->kern) KT_FAIL(KT_EUNSUPPORTED, "no kernel path available");
-    if (a->act_mode != KT_ACT_F32 && a->act_mode != KT_ACT_BF16)
-        KT_FAIL(KT_EUNSUPPORTED, "compute mode %d is not implemented by kernel path '%s'", a->act_mode, j->kern->name);
+    if (a->act_mode != KT_ACT_F32 && a->act_mode != KT_ACT_BF16 && a->act_mode != KT_ACT_INT8)
+        KT_FAIL(KT_EINVAL, "unknown compute mode %d", a->act_mode);
+    if (a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_BF16)
+        KT_FAIL(KT_EINVAL, "compute mode int8 needs int8 or int4 weights, not bf16");
+    j->q_fwd = a->act_mode == KT_ACT_INT8;
+    j->q_bwd = j->q_fwd && backward && a->format == KT_FORMAT_INT8;
     int rc = kt_matrix_layout_of(a->format, 2 * a->I, a->H, &j->Lgu);
     if (rc) return rc;
     rc = kt_matrix_layout_of(a->format, a->H, a->I, &j->Ld);
@@ -94,7 +130,10 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     const int64_t s_gu = kt_gemm_scratch_floats(j->Lgu.N, j->Lgu.K_pad), s_d = kt_gemm_scratch_floats(j->Ld.N, j->Ld.K_pad);
     j->scratch_floats = (size_t)(s_gu > s_d ? s_gu : s_d);
 
-    size_t off = 0, sizes[10];
+    j->xq_ld = j->q_fwd ? round64(H) : 0;
+    j->hq_ld = j->q_fwd ? round64(I) : 0;
+    j->zq_ld = j->q_bwd ? round64(H > 2 * I ? H : 2 * I) : 0;
+    size_t off = 0, sizes[16];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
     CARVE(1, sizeof(float) * (size_t)(T * H));
@@ -105,6 +144,13 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     CARVE(6, sizeof(void *) * (size_t)(P * nt));
     CARVE(7, sizeof(float) * (size_t)(P * nt));
     CARVE(8, sizeof(float) * j->scratch_floats * (size_t)nt);
+    CARVE(9, sizeof(float) * (size_t)(P * nt));
+    CARVE(10, (size_t)(T * j->xq_ld));
+    CARVE(11, sizeof(float) * (size_t)T);
+    CARVE(12, (size_t)(P * j->hq_ld));
+    CARVE(13, sizeof(float) * (size_t)P);
+    CARVE(14, (size_t)(P * j->zq_ld));
+    CARVE(15, sizeof(float) * (size_t)P);
 #undef CARVE
     uint8_t *ws = kt_workspace(off);
     if (!ws) KT_FAIL(KT_ENOMEM, "cannot allocate %zu bytes of workspace", off);
@@ -115,10 +161,17 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->h = (float *)(ws + sizes[2]);
     j->dgu = backward ? (float *)(ws + sizes[3]) : NULL;
     j->gu = a->gu ? a->gu : (float *)(ws + sizes[4]);
-    j->arows = (const float **)(ws + sizes[5]);
+    j->arows = (const void **)(ws + sizes[5]);
     j->orows = (float **)(ws + sizes[6]);
     j->alpha = (float *)(ws + sizes[7]);
     j->scratch = (float *)(ws + sizes[8]);
+    j->ascale = (float *)(ws + sizes[9]);
+    j->xq = (int8_t *)(ws + sizes[10]);
+    j->xs = (float *)(ws + sizes[11]);
+    j->hq = (int8_t *)(ws + sizes[12]);
+    j->hs = (float *)(ws + sizes[13]);
+    j->zq = (int8_t *)(ws + sizes[14]);
+    j->zs = (float *)(ws + sizes[15]);
 
     /* counting sort of the pairs by expert (stable: ascending p inside each group) */
     memset(j->offs, 0, sizeof(int32_t) * (size_t)(E + 1));
@@ -141,9 +194,53 @@ static void convert_rows(const void *src, int dtype, int mode, int64_t t0, int64
             for (int64_t c = 0; c < H; c++) d[c] = to_compute(s[c], mode);
         } else {
             const uint16_t *s = (const uint16_t *)src + t * H;
-            for (int64_t c = 0; c < H; c++) d[c] = kt_bf16_to_f32(s[c]); /* exact in bf16 and f32 modes */
+            for (int64_t c = 0; c < H; c++) d[c] = kt_bf16_to_f32(s[c]); /* exact in every mode */
         }
     }
+}
+
+/* The product of the M pairs of expert e's group against one packed matrix. Activation rows are
+ * act_f32 + id*ld (float) or act_q8 + id*qld with scales qs[id] (int8), where id is the pair or
+ * its token (by_token). */
+typedef struct {
+    const float *act_f32;
+    int64_t ld;
+    const int8_t *act_q8;
+    const float *qs;
+    int64_t qld;
+    int by_token;
+} act_rows;
+
+static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, const void *base, act_rows src,
+                     float *out, int64_t out_ld, int out_by_token, int64_t out_off, int with_alpha, int tn,
+                     int64_t lo, int64_t hi, int accumulate) {
+    const kt_moe_args *a = j->a;
+    const int32_t *grp = j->pairs + j->offs[e];
+    const int64_t M = j->offs[e + 1] - j->offs[e];
+    const void **arows = j->arows + (size_t)tid * (size_t)j->P;
+    float **orows = j->orows + (size_t)tid * (size_t)j->P;
+    float *alpha = j->alpha + (size_t)tid * (size_t)j->P;
+    float *ascale = j->ascale + (size_t)tid * (size_t)j->P;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t p = grp[m], t = p / a->k, id = src.by_token ? t : p;
+        if (src.act_q8) {
+            arows[m] = src.act_q8 + id * src.qld;
+            ascale[m] = src.qs[id];
+        } else {
+            arows[m] = src.act_f32 + id * src.ld;
+        }
+        orows[m] = out + (out_by_token ? t : p) * out_ld + out_off;
+        alpha[m] = a->topk_w[p];
+    }
+    kt_gemm g = {L, expert_mat(base, L, e), a->act_mode, M, arows, src.act_q8 ? ascale : NULL, orows,
+                 with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats};
+    if (tn) (src.act_q8 ? j->kern->tn_q8 : j->kern->tn)(&g);
+    else (src.act_q8 ? j->kern->nt_q8 : j->kern->nt)(&g);
+}
+
+static void block_range(int64_t task, int64_t per, int64_t total, int64_t *lo, int64_t *hi) {
+    *lo = task * per;
+    *hi = *lo + per < total ? *lo + per : total;
 }
 
 /* ---- forward ------------------------------------------------------------------------------ */
@@ -151,59 +248,50 @@ static void convert_rows(const void *src, int dtype, int mode, int64_t t0, int64
 static void f0_task(void *vj, int64_t task, int tid) {
     (void)tid;
     moe_job *j = vj;
-    int64_t t0 = task * TOKENS_PER_TASK, t1 = t0 + TOKENS_PER_TASK;
-    if (t1 > j->a->T) t1 = j->a->T;
-    convert_rows(j->a->x, j->a->x_dtype, j->a->act_mode, t0, t1, j->a->H, j->act);
+    const kt_moe_args *a = j->a;
+    int64_t t0, t1;
+    block_range(task, TOKENS_PER_TASK, a->T, &t0, &t1);
+    convert_rows(a->x, a->x_dtype, a->act_mode, t0, t1, a->H, j->act);
+    if (j->q_fwd)
+        for (int64_t t = t0; t < t1; t++) j->xs[t] = quantize_act_row(j->act + t * a->H, a->H, j->xq_ld, j->xq + t * j->xq_ld);
 }
 
 static void f1_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
-    const int64_t H = a->H, I = a->I, e = j->active[task / j->I_blocks];
-    const int64_t i0 = (task % j->I_blocks) * ROWS_PER_TASK, i1 = i0 + ROWS_PER_TASK < I ? i0 + ROWS_PER_TASK : I;
+    const int64_t I = a->I, e = j->active[task / j->I_blocks];
+    int64_t i0, i1;
+    block_range(task % j->I_blocks, ROWS_PER_TASK, I, &i0, &i1);
+    act_rows x = {j->act, a->H, j->q_fwd ? j->xq : NULL, j->xs, j->xq_ld, 1};
+    run_gemm(j, tid, e, &j->Lgu, a->gate_up, x, j->gu, 2 * I, 0, i0, 0, 0, i0, i1, 0);             /* gate */
+    run_gemm(j, tid, e, &j->Lgu, a->gate_up, x, j->gu, 2 * I, 0, I + i0, 0, 0, I + i0, I + i1, 0); /* up */
     const int32_t *grp = j->pairs + j->offs[e];
-    const int64_t M = j->offs[e + 1] - j->offs[e];
-    const float **arows = j->arows + (size_t)tid * (size_t)j->P;
-    float **orows = j->orows + (size_t)tid * (size_t)j->P;
-    for (int64_t m = 0; m < M; m++) arows[m] = j->act + (grp[m] / a->k) * H;
-
-    kt_gemm g = {&j->Lgu, expert_mat(a->gate_up, &j->Lgu, e), a->act_mode, M, arows, orows, NULL,
-                 i0, i1, 0, j->scratch + (size_t)tid * j->scratch_floats};
-    for (int64_t m = 0; m < M; m++) orows[m] = j->gu + (size_t)grp[m] * 2 * I + i0;
-    j->kern->nt(&g); /* gate rows */
-    g.lo = I + i0;
-    g.hi = I + i1;
-    for (int64_t m = 0; m < M; m++) orows[m] += I;
-    j->kern->nt(&g); /* up rows */
-
-    for (int64_t m = 0; m < M; m++) {
+    for (int64_t m = 0; m < j->offs[e + 1] - j->offs[e]; m++) {
         const float *gp = j->gu + (size_t)grp[m] * 2 * I, *up = gp + I;
         float *hp = j->h + (size_t)grp[m] * I;
         for (int64_t i = i0; i < i1; i++) hp[i] = to_compute(kt_silu(gp[i]) * up[i], a->act_mode);
     }
 }
 
+static void f1q_task(void *vj, int64_t task, int tid) {
+    (void)tid;
+    moe_job *j = vj;
+    const int64_t I = j->a->I;
+    int64_t p0, p1;
+    block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
+    for (int64_t p = p0; p < p1; p++) j->hs[p] = quantize_act_row(j->h + p * I, I, j->hq_ld, j->hq + p * j->hq_ld);
+}
+
 static void f2_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
-    const int64_t H = a->H, I = a->I, n0 = task * COLS_PER_TASK, n1 = n0 + COLS_PER_TASK < H ? n0 + COLS_PER_TASK : H;
+    const int64_t H = a->H;
+    int64_t n0, n1;
+    block_range(task, COLS_PER_TASK, H, &n0, &n1);
     for (int64_t t = 0; t < a->T; t++) memset(a->y + t * H + n0, 0, sizeof(float) * (size_t)(n1 - n0));
-    const float **arows = j->arows + (size_t)tid * (size_t)j->P;
-    float **orows = j->orows + (size_t)tid * (size_t)j->P;
-    float *alpha = j->alpha + (size_t)tid * (size_t)j->P;
-    for (int64_t ai = 0; ai < j->n_active; ai++) {
-        const int64_t e = j->active[ai];
-        const int32_t *grp = j->pairs + j->offs[e];
-        const int64_t M = j->offs[e + 1] - j->offs[e];
-        for (int64_t m = 0; m < M; m++) {
-            arows[m] = j->h + (size_t)grp[m] * I;
-            orows[m] = a->y + (grp[m] / a->k) * H + n0;
-            alpha[m] = a->topk_w[grp[m]];
-        }
-        kt_gemm g = {&j->Ld, expert_mat(a->down, &j->Ld, e), a->act_mode, M, arows, orows, alpha,
-                     n0, n1, 1, j->scratch + (size_t)tid * j->scratch_floats};
-        j->kern->nt(&g);
-    }
+    act_rows h = {j->h, a->I, j->q_fwd ? j->hq : NULL, j->hs, j->hq_ld, 0};
+    for (int64_t ai = 0; ai < j->n_active; ai++)
+        run_gemm(j, tid, j->active[ai], &j->Ld, a->down, h, a->y, H, 1, n0, 1, 0, n0, n1, 1);
 }
 
 static int check_args(const kt_moe_args *a) {
@@ -222,6 +310,7 @@ int kt_moe_forward(const kt_moe_args *a) {
     if (rc == KT_OK) {
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
+        if (j.q_fwd) run_phase("F1q", (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK, f1q_task, &j);
         run_phase("F2", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
@@ -233,35 +322,45 @@ int kt_moe_forward(const kt_moe_args *a) {
 static void b0_task(void *vj, int64_t task, int tid) {
     (void)tid;
     moe_job *j = vj;
-    int64_t t0 = task * TOKENS_PER_TASK, t1 = t0 + TOKENS_PER_TASK;
-    if (t1 > j->a->T) t1 = j->a->T;
+    int64_t t0, t1;
+    block_range(task, TOKENS_PER_TASK, j->a->T, &t0, &t1);
     convert_rows(j->a->dy, j->a->dy_dtype, j->a->act_mode, t0, t1, j->a->H, j->act);
+}
+
+/* z[p] = v[p] * d_e (the weights' per-row scales of the matrix the next product reads), quantized. */
+static void fold_and_quantize(moe_job *j, int tid, int64_t p, const float *v, const kt_matrix_layout *L,
+                              const void *base) {
+    const int64_t e = j->a->topk_idx[p], N = L->N;
+    const float *d = (const float *)(expert_mat(base, L, e) + L->scales_offset);
+    float *z = j->scratch + (size_t)tid * j->scratch_floats;
+    for (int64_t n = 0; n < N; n++) z[n] = v[n] * d[n];
+    j->zs[p] = quantize_act_row(z, N, j->zq_ld, j->zq + p * j->zq_ld);
+}
+
+static void b0q_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    int64_t p0, p1;
+    block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
+    for (int64_t p = p0; p < p1; p++) fold_and_quantize(j, tid, p, j->act + (p / j->a->k) * j->a->H, &j->Ld, j->a->down);
 }
 
 static void b1_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
-    const int64_t H = a->H, I = a->I, e = j->active[task / j->I_blocks];
-    const int64_t i0 = (task % j->I_blocks) * ROWS_PER_TASK, i1 = i0 + ROWS_PER_TASK < I ? i0 + ROWS_PER_TASK : I;
-    const int32_t *grp = j->pairs + j->offs[e];
-    const int64_t M = j->offs[e + 1] - j->offs[e];
-    const float **arows = j->arows + (size_t)tid * (size_t)j->P;
-    float **orows = j->orows + (size_t)tid * (size_t)j->P;
-    for (int64_t m = 0; m < M; m++) {
-        arows[m] = j->act + (grp[m] / a->k) * H;
-        orows[m] = j->h + (size_t)grp[m] * I + i0;
-    }
-    kt_gemm g = {&j->Ld, expert_mat(a->down, &j->Ld, e), a->act_mode, M, arows, orows, NULL,
-                 i0, i1, 0, j->scratch + (size_t)tid * j->scratch_floats};
-    j->kern->tn(&g);
+    const int64_t I = a->I, e = j->active[task / j->I_blocks];
+    int64_t i0, i1;
+    block_range(task % j->I_blocks, ROWS_PER_TASK, I, &i0, &i1);
+    act_rows dy = {j->act, a->H, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, !j->q_bwd};
+    run_gemm(j, tid, e, &j->Ld, a->down, dy, j->h, I, 0, i0, 0, 1, i0, i1, 0);
 }
 
 static void b2_task(void *vj, int64_t task, int tid) {
-    (void)tid;
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
-    const int64_t I = a->I, mode = a->act_mode;
-    int64_t p0 = task * PAIRS_PER_TASK, p1 = p0 + PAIRS_PER_TASK < j->P ? p0 + PAIRS_PER_TASK : j->P;
+    const int64_t I = a->I;
+    const int mode = a->act_mode == KT_ACT_BF16 ? KT_ACT_BF16 : KT_ACT_F32;
+    int64_t p0, p1;
+    block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
     for (int64_t p = p0; p < p1; p++) {
         const float *gp = j->gu + p * 2 * I, *up = gp + I, *dhu = j->h + p * I;
         float *dg = j->dgu + p * 2 * I, *du = dg + I;
@@ -269,34 +368,26 @@ static void b2_task(void *vj, int64_t task, int tid) {
         float dot = 0.0f;
         for (int64_t i = 0; i < I; i++) {
             const float g = gp[i], u = up[i], s = 1.0f / (1.0f + expf(-g));
-            dot += to_compute(g * s * u, (int)mode) * dhu[i];
+            dot += to_compute(g * s * u, mode) * dhu[i];
             const float dh = w * dhu[i];
-            dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), (int)mode);
-            du[i] = to_compute(dh * g * s, (int)mode);
+            dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), mode);
+            du[i] = to_compute(dh * g * s, mode);
         }
         a->dw[p] = dot;
+        if (j->q_bwd) fold_and_quantize(j, tid, p, dg, &j->Lgu, a->gate_up);
     }
 }
 
 static void b3_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
-    const int64_t H = a->H, I = a->I, c0 = task * COLS_PER_TASK, c1 = c0 + COLS_PER_TASK < H ? c0 + COLS_PER_TASK : H;
+    const int64_t H = a->H;
+    int64_t c0, c1;
+    block_range(task, COLS_PER_TASK, H, &c0, &c1);
     for (int64_t t = 0; t < a->T; t++) memset(a->dx + t * H + c0, 0, sizeof(float) * (size_t)(c1 - c0));
-    const float **arows = j->arows + (size_t)tid * (size_t)j->P;
-    float **orows = j->orows + (size_t)tid * (size_t)j->P;
-    for (int64_t ai = 0; ai < j->n_active; ai++) {
-        const int64_t e = j->active[ai];
-        const int32_t *grp = j->pairs + j->offs[e];
-        const int64_t M = j->offs[e + 1] - j->offs[e];
-        for (int64_t m = 0; m < M; m++) {
-            arows[m] = j->dgu + (size_t)grp[m] * 2 * I;
-            orows[m] = a->dx + (grp[m] / a->k) * H + c0;
-        }
-        kt_gemm g = {&j->Lgu, expert_mat(a->gate_up, &j->Lgu, e), a->act_mode, M, arows, orows, NULL,
-                     c0, c1, 1, j->scratch + (size_t)tid * j->scratch_floats};
-        j->kern->tn(&g);
-    }
+    act_rows dgu = {j->dgu, 2 * a->I, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, 0};
+    for (int64_t ai = 0; ai < j->n_active; ai++)
+        run_gemm(j, tid, j->active[ai], &j->Lgu, a->gate_up, dgu, a->dx, H, 1, c0, 0, 1, c0, c1, 1);
 }
 
 int kt_moe_backward(const kt_moe_args *a) {
@@ -307,9 +398,11 @@ int kt_moe_backward(const kt_moe_args *a) {
     moe_job j;
     rc = job_init(&j, a, 1);
     if (rc == KT_OK) {
+        const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("B0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
+        if (j.q_bwd) run_phase("B0q", pair_tasks, b0q_task, &j);
         run_phase("B1", j.n_active * j.I_blocks, b1_task, &j);
-        run_phase("B2", (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK, b2_task, &j);
+        run_phase("B2", pair_tasks, b2_task, &j);
         run_phase("B3", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, b3_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
