@@ -11,8 +11,7 @@ from kt_sft.formats import ComputeMode, Format
 from helpers import distinct_routing, random_experts, rel_err, skewed_routing
 
 # vs the twin: only fp32 rounding in sums and scale products (measured ~1e-7), plus rare one-quantum
-# flips where the
-# engine's fp32 h and the twin's float64 h straddle a rounding boundary.
+# flips where the engine's fp32 h and the twin's float64 h straddle a rounding boundary.
 TWIN_REL_ERR = 1e-5
 # vs float64 without activation quantization: per-token int8 activations cost ~1% per product.
 INT8_MODE_REL_ERR = {Format.INT8: 4e-2, Format.INT4: 4e-2}
