@@ -120,10 +120,62 @@ static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P,
     _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
 }
 
+/* The same 6 x 16 tile for the transposed product with few tokens: the two panel vectors of step n
+ * are row n's columns [c0, c0+16), dequantized straight from the packed matrix (no panel). */
+static inline void ukernel_direct(int64_t N, const float *const a[MR], const kt_matrix_layout *L, const uint8_t *w,
+                                  int64_t c0, float c[MR][NR]) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+    for (int64_t n = 0; n < N; n++) {
+        const __m256 p0 = load8(L, w, n, c0), p1 = load8(L, w, n, c0 + 8);
+        __m256 b;
+        b = _mm256_broadcast_ss(a0 + n); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
+        b = _mm256_broadcast_ss(a1 + n); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
+        b = _mm256_broadcast_ss(a2 + n); c20 = _mm256_fmadd_ps(b, p0, c20); c21 = _mm256_fmadd_ps(b, p1, c21);
+        b = _mm256_broadcast_ss(a3 + n); c30 = _mm256_fmadd_ps(b, p0, c30); c31 = _mm256_fmadd_ps(b, p1, c31);
+        b = _mm256_broadcast_ss(a4 + n); c40 = _mm256_fmadd_ps(b, p0, c40); c41 = _mm256_fmadd_ps(b, p1, c41);
+        b = _mm256_broadcast_ss(a5 + n); c50 = _mm256_fmadd_ps(b, p0, c50); c51 = _mm256_fmadd_ps(b, p1, c51);
+    }
+    _mm256_storeu_ps(c[0], c00); _mm256_storeu_ps(c[0] + 8, c01);
+    _mm256_storeu_ps(c[1], c10); _mm256_storeu_ps(c[1] + 8, c11);
+    _mm256_storeu_ps(c[2], c20); _mm256_storeu_ps(c[2] + 8, c21);
+    _mm256_storeu_ps(c[3], c30); _mm256_storeu_ps(c[3] + 8, c31);
+    _mm256_storeu_ps(c[4], c40); _mm256_storeu_ps(c[4] + 8, c41);
+    _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
+}
+
+/* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
+ * building a panel: a panel read by a single tile does not repay its stores and reloads. */
+#ifndef TN_DIRECT_MAX_M
+#define TN_DIRECT_MAX_M 6
+#endif
+
 /* Cache blocking: a KC-deep slice of the panel (KC * 16 floats = 16 KB) stays in L1 while the
  * tiles of up to MC tokens walk over it; their partial sums wait in a small C buffer. */
 #define KC 256
 #define MC 96
+
+/* out[m][col .. col+width) (+)= alpha[m] * c[i] for the tile rows i of tokens m = m0 + i. */
+static void write_tile(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR], int64_t col, int64_t width) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *acc = c[i];
+        float *o = g->out_rows[m0 + i] + col;
+        const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
+        if (width == NR) {
+            __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(s));
+            __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(acc + 8), _mm256_set1_ps(s));
+            if (g->accumulate) {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
+            }
+            _mm256_storeu_ps(o, v0);
+            _mm256_storeu_ps(o + 8, v1);
+        } else {
+            for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[j] : s * acc[j];
+        }
+    }
+}
 
 /* Runs the micro-kernel over all M rows for one panel (contraction length Kc) and writes columns
  * [col, col+width) of the outputs (col relative to the output rows). Tail rows read a zero row. */
@@ -139,23 +191,7 @@ static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64
                 ukernel(kl, a, P + k0 * NR, cbuf + m0, k0 > 0);
             }
         }
-        for (int64_t i = 0; i < mlen; i++) {
-            const float *acc = cbuf[i];
-            float *o = g->out_rows[mc + i] + col;
-            const float s = g->alpha ? g->alpha[mc + i] : 1.0f;
-            if (width == NR) {
-                __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(acc), _mm256_set1_ps(s));
-                __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(acc + 8), _mm256_set1_ps(s));
-                if (g->accumulate) {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(o));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(o + 8));
-                }
-                _mm256_storeu_ps(o, v0);
-                _mm256_storeu_ps(o + 8, v1);
-            } else {
-                for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[j] : s * acc[j];
-            }
-        }
+        write_tile(g, mc, mlen, cbuf, col, width);
     }
 }
 
@@ -219,7 +255,9 @@ static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
 /* Up to this many tokens per expert the forward uses the dot form for bf16 and int8 weights
  * (measured on one Zen 3 core, K=2048: dot ~36 GFLOP/s flat vs panel 22 at M=6, 33 at M=12, 47 at
  * M=48); int4's in-register dequantization is too dear for the dot form. */
+#ifndef NT_DOT_MAX_M
 #define NT_DOT_MAX_M 16
+#endif
 
 /* Scratch: [panel: NR * max(K_pad, N)][zeros: max(K, N)][C buffer: (MC + MR) * NR] floats. */
 static void nt_avx2(const kt_gemm *g) {
@@ -244,8 +282,18 @@ static void tn_avx2(const kt_gemm *g) {
     float (*cbuf)[NR] = (float (*)[NR])(zeros + ((N + 15) & ~(int64_t)15));
     memset(zeros, 0, sizeof(float) * (size_t)N);
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
-        panel_columns(g->L, g->w, c0, P);
         const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
+        if (g->M <= TN_DIRECT_MAX_M) {
+            for (int64_t m0 = 0; m0 < g->M; m0 += MR) {
+                const int64_t mr = g->M - m0 < MR ? g->M - m0 : MR;
+                const float *a[MR];
+                for (int i = 0; i < MR; i++) a[i] = i < mr ? (const float *)g->a_rows[m0 + i] : zeros;
+                ukernel_direct(N, a, g->L, g->w, c0, cbuf);
+                write_tile(g, m0, mr, cbuf, c0 - g->lo, width);
+            }
+            continue;
+        }
+        panel_columns(g->L, g->w, c0, P);
         panel_times_rows(g, P, N, c0 - g->lo, width, zeros, cbuf);
     }
 }
