@@ -57,3 +57,52 @@ def _apply_env() -> None:
 
 
 _apply_env()
+
+
+_VERIFIED: set[int] = set()
+SELF_CHECK_REL_ERR = 1e-4  # fp32 mode: only summation order differs between paths
+
+
+def verify_kernel_path() -> None:
+    """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
+    on a small random layer (every format, few and many tokens per expert, forward and backward).
+    A path that does not, on this CPU, is dropped for the scalar one with a warning: a wrong kernel
+    costs a clear message and speed, never silently wrong numbers. Runs once per path (~10 ms)."""
+    isa = lib.kt_current_isa()
+    if isa == KERNEL_PATHS["scalar"] or isa in _VERIFIED:
+        return
+    _VERIFIED.add(isa)
+    import warnings
+
+    import torch
+
+    from kt_sft import functional as Fn
+    from kt_sft.formats import ComputeMode
+
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for fmt in ("bf16", "int8", "int4"):
+        packed = Fn.pack_experts(torch.randn(4, 2 * 24, 70, generator=gen), torch.randn(4, 70, 24, generator=gen), fmt)
+        for t in (5, 61):
+            x = torch.randn(t, 70, generator=gen)
+            idx = torch.argsort(torch.rand(t, 4, generator=gen), dim=1)[:, :2].contiguous()
+            w = torch.rand(t, 2, generator=gen)
+            dy = torch.randn(t, 70, generator=gen)
+            outs = []
+            for path in (isa, KERNEL_PATHS["scalar"]):
+                _native.check(lib.kt_select_isa(path), "kt_select_isa")
+                y, gu = Fn.moe_forward(packed, x, idx, w, ComputeMode.F32)
+                outs.append((y, *Fn.moe_backward(packed, dy, idx, w, gu, ComputeMode.F32)))
+            for fast, ref in zip(*outs):
+                err = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
+                worst = max(worst, err if err == err else float("inf"))
+    if worst <= SELF_CHECK_REL_ERR:
+        _native.check(lib.kt_select_isa(isa), "kt_select_isa")
+        return
+    name = next(n for n, v in KERNEL_PATHS.items() if v == isa)
+    warnings.warn(
+        f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error "
+        f"{worst:.3g} > {SELF_CHECK_REL_ERR}); using 'scalar' instead. Please report this with `kt-sft doctor`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kt_sft import _native
+from kt_sft import _native, engine
 from kt_sft._native import ffi, lib
 from kt_sft.formats import COMPUTE_MODE_C_ID, TRAITS, ComputeMode, Format, matrix_bytes
 
@@ -142,6 +142,7 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
                 top_k_weights: torch.Tensor, mode: ComputeMode, save_for_backward: bool = True):
     """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
     pre-activations the backward needs. CPU tensors only; validated by validate_routing."""
+    engine.verify_kernel_path()
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
     y = torch.empty((t, packed.hidden_dim), dtype=torch.float32)

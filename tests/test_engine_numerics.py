@@ -179,3 +179,25 @@ def test_cuda_inputs_round_trip(seed):
     torch.testing.assert_close(y.cpu(), y_cpu)
     y.sum().backward()
     assert xc.grad.device.type == "cuda" and wc.grad.device.type == "cuda"
+
+
+def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
+    """The chosen SIMD path is checked against scalar before first use; a path that disagrees is
+    replaced by scalar with a warning (simulated here by a corrupted comparison)."""
+    from kt_sft import engine
+
+    paths = engine.available_kernel_paths()
+    if len(paths) < 2:
+        pytest.skip("only the scalar path is available here")
+    best = paths[-1]
+    engine.set_kernel_path(best)
+    engine._VERIFIED.discard(engine.KERNEL_PATHS[best])
+    engine.verify_kernel_path()  # a correct path: no warning, stays selected
+    assert engine.kernel_path() == best
+
+    engine._VERIFIED.discard(engine.KERNEL_PATHS[best])
+    monkeypatch.setattr(engine, "SELF_CHECK_REL_ERR", -1.0)  # any difference now counts as wrong
+    with pytest.warns(RuntimeWarning, match="disagrees with the scalar reference"):
+        engine.verify_kernel_path()
+    assert engine.kernel_path() == "scalar"
+    engine.set_kernel_path(best)
