@@ -1,0 +1,75 @@
+"""The expert pack file: round trip through a memory map, checksums, and clear errors."""
+
+import pytest
+import torch
+
+from kt_sft import CPUExperts
+from kt_sft import functional as Fn
+from kt_sft.pack_file import PackFile, PackWriter
+
+from helpers import distinct_routing, random_experts
+
+
+def write_pack(path, fmt, layers, e=4, h=40, inter=24):
+    experts = {layer: random_experts(e, h, inter) for layer in layers}
+    w = PackWriter(path, fmt, "test_arch", e, h, inter, layers, source={"model": "unit-test"})
+    for layer, (gu, dn) in experts.items():
+        packed = Fn.pack_experts(gu, dn, fmt)
+        for i in range(e):
+            w.write_expert(layer, "gate_up", i, packed.gate_up[i])
+        for i in range(e):
+            w.write_expert(layer, "down", i, packed.down[i])
+    w.close()
+    return experts
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_round_trip_through_mmap(tmp_path, fmt, seed):
+    path = tmp_path / "experts.ktpack"
+    experts = write_pack(path, fmt, [1, 3])
+    pack = PackFile(path, verify=True)
+    assert pack.layers == [1, 3] and pack.header.source == {"model": "unit-test"}
+    for layer, (gu, dn) in experts.items():
+        mapped = pack.layer(layer)
+        direct = Fn.pack_experts(gu, dn, fmt)
+        assert torch.equal(mapped.gate_up, direct.gate_up) and torch.equal(mapped.down, direct.down)
+        assert mapped.gate_up.data_ptr() % 4096 == 0 and mapped.down.data_ptr() % 4096 == 0
+        idx, w = distinct_routing(7, 4, 2)
+        x = torch.randn(7, 40)
+        assert torch.equal(CPUExperts(mapped)(x, idx, w), CPUExperts(direct)(x, idx, w))
+
+
+def test_corruption_and_truncation_are_caught(tmp_path, seed):
+    path = tmp_path / "experts.ktpack"
+    write_pack(path, "int8", [0])
+    pack = PackFile(path)
+    off = pack.header.layers[0]["down"].offset
+    data = bytearray(path.read_bytes())
+    data[off + 5] ^= 0xFF
+    bad = tmp_path / "bad.ktpack"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch in layer 0 down"):
+        PackFile(bad, verify=True)
+    short = tmp_path / "short.ktpack"
+    short.write_bytes(path.read_bytes()[: off + 10])
+    with pytest.raises(ValueError, match="truncated"):
+        PackFile(short)
+    junk = tmp_path / "junk.ktpack"
+    junk.write_bytes(b"hello world, not a pack")
+    with pytest.raises(ValueError, match="not a kt_sft expert pack"):
+        PackFile(junk)
+    with pytest.raises(KeyError, match="no experts for layer 5"):
+        pack.layer(5)
+
+
+def test_writer_refuses_out_of_order_and_incomplete(tmp_path, seed):
+    gu, dn = random_experts(2, 16, 8)
+    packed = Fn.pack_experts(gu, dn, "bf16")
+    w = PackWriter(tmp_path / "p.ktpack", "bf16", "a", 2, 16, 8, [0])
+    with pytest.raises(ValueError, match="in order, expected 0, got 1"):
+        w.write_expert(0, "gate_up", 1, packed.gate_up[1])
+    with pytest.raises(ValueError, match="bytes, expected"):
+        w.write_expert(0, "gate_up", 0, packed.gate_up[0][:10])
+    w.write_expert(0, "gate_up", 0, packed.gate_up[0])
+    with pytest.raises(ValueError, match="pack incomplete"):
+        w.close()
