@@ -14,10 +14,19 @@ expert e weighted 1/(e+1) (Zipf, s=1), so expert 0 is the hottest; the JSON reco
 
 FLOPs (stated in the JSON too): forward = 3 GEMVs of H x I per routed (token, expert) pair =
 6*H*I; backward (dx only, weights are frozen) the same again, so fwd+bwd = T*k*12*H*I. The
-reference ceiling is torch's fp32 matmul (512 x 2048 x 1408) measured at start on the same threads.
+reference ceiling is torch's fp32 matmul (512 x 2048 x 1408) on the same threads, measured at the start
+and again at the end; the higher of the two medians is used (a busy machine only ever lowers it), and
+the table warns when they disagree by more than 20% or when the 1-minute load average at the start is
+already >= 1 (another job holds a core; torch's OpenMP threads then slow down far more than in
+proportion). The load average is recorded at both points.
 
 Timing: forward runs under torch.enable_grad() with x and the routing weights requiring grad;
 backward is `y.backward(dy)` timed alone. `warmup` untimed runs, then the median of `repeats`.
+
+Baseline notes (torch 2.13 CPU): `grouped_mm` dispatches to torch.nn.functional.grouped_mm (the JSON
+records which); on CPU that is a loop of per-expert GEMMs, not a fused kernel. On CPUs without native
+bf16 (AVX2 only), a bf16 `dy @ W` -- the input-gradient layout of nn.Linear -- takes a slow path
+(machine.gflops_torch_bf16_dy_w_* vs *_x_wT_* in the JSON), and it dominates both baselines' backward.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import resource
 import statistics
 import sys
@@ -44,13 +54,17 @@ BASELINE_IMPLS = ("eager", "grouped_mm")
 WEIGHT_STD = 0.02
 ZIPF_S = 1.0
 CEILING_SHAPE = (512, 2048, 1408)  # M, K, N of the fp32 matmul that sets the reference ceiling
+# (format, compute mode) pairs the engine rejects by definition (kt_moe.c: int8 products need integer
+# weights). Recorded as 'unsupported' without running, instead of as an error.
+INVALID_PAIRS = {("bf16", "int8"): "compute mode int8 takes int8 or int4 weights, not bf16"}
 
 DEFINITIONS = {
     "flops_fwd": "T*k*6*H*I (gate, up and down GEMVs, 2*H*I each, per routed pair)",
     "flops_bwd": "T*k*6*H*I (counted the same as forward; weights are frozen, so dx only)",
     "flops_fwd_bwd": "T*k*12*H*I",
     "tokens_per_s": "T / (median fwd s + median bwd s)",
-    "frac_of_ceiling": "gflops_fwd_bwd / machine.ceiling_gflops_torch_fp32",
+    "frac_of_ceiling": "gflops_fwd_bwd / machine.ceiling_gflops_torch_fp32 (the higher of the start and "
+                       "end medians)",
     "ratio_vs_baseline": "faster baseline time / kt_sft time (= kt_sft throughput / baseline "
                          "throughput) for fwd, bwd and fwd_bwd; > 1 means kt_sft is faster",
     "baseline_best": "per (T, routing), the transformers implementation with the lower fwd+bwd median",
@@ -87,13 +101,17 @@ class KernelBenchConfig:
     warmup: int = _help("untimed runs per case before timing", default=1)
     skew: bool = _help("also time Zipf-skewed routing at the largest T", default=True)
     baseline: bool = _help("also time transformers' experts module (eager and grouped_mm)", default=True)
+    baseline_max_tokens: int | None = _help("time the baseline only for T <= this (its bf16 backward can "
+                                            "take minutes per run on AVX2-only CPUs)", default=None)
     seed: int = _help("seed for weights and inputs", default=0)
     quick: bool = _help("tiny smoke configuration (seconds)", default=False)
     out: str | None = _help("JSON path (default bench_results/kernels-<timestamp>.json)", default=None)
 
     def __post_init__(self):
-        for name in ("num_experts", "top_k", "hidden", "intermediate", "threads", "repeats"):
+        for name in ("num_experts", "top_k", "hidden", "intermediate", "threads", "repeats", "baseline_max_tokens"):
             value = getattr(self, name)
+            if name == "baseline_max_tokens" and value is None:
+                continue
             if not isinstance(value, int) or value < 1:
                 raise BenchConfigError(f"`{name}` must be a positive int, got {value!r}")
         if self.warmup < 0:
@@ -130,6 +148,11 @@ class KernelBenchConfig:
         """(T, routing) pairs, in run order."""
         cases = [(t, "uniform") for t in self.tokens]
         return cases + [(self.tokens[-1], "zipf")] if self.skew else cases
+
+    def baseline_workloads(self) -> list[tuple[int, str]]:
+        if not self.baseline:
+            return []
+        return [(t, r) for t, r in self.workloads() if self.baseline_max_tokens is None or t <= self.baseline_max_tokens]
 
 
 QUICK = {"num_experts": 8, "top_k": 2, "hidden": 256, "intermediate": 128, "tokens": (16, 64), "repeats": 2,
@@ -179,8 +202,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"{', '.join(engine.KERNEL_PATHS)} or all (default: the engine's choice)")
     for name, flag in (("threads", "--threads"), ("repeats", "--repeats"), ("warmup", "--warmup"),
                        ("num_experts", "--experts"), ("top_k", "--top-k"), ("hidden", "--hidden"),
-                       ("intermediate", "--intermediate"), ("seed", "--seed")):
-        parser.add_argument(flag, dest=name, type=int, metavar="N", help=f"{h[name]} (default {d[name]})")
+                       ("intermediate", "--intermediate"), ("seed", "--seed"),
+                       ("baseline_max_tokens", "--baseline-max-tokens")):
+        parser.add_argument(flag, dest=name, type=int, metavar="N", help=f"{h[name]} (default {'no limit' if d[name] is None else d[name]})")
     parser.add_argument("--skew", action=argparse.BooleanOptionalAction, help=f"{h['skew']} (default on)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=f"{h['baseline']} (default on)")
     parser.add_argument("--out", metavar="PATH", help=h["out"])
@@ -265,7 +289,7 @@ def time_fwd_bwd(fn, inp: dict, warmup: int, repeats: int) -> dict:
     return {"fwd": fwd, "bwd": bwd, "y": y.detach(), "dx": x.grad, "dw": w.grad}
 
 
-def summarize(cfg: KernelBenchConfig, t: int, samples: dict, ceiling: float | None) -> dict:
+def summarize(cfg: KernelBenchConfig, t: int, samples: dict) -> dict:
     fwd, bwd = statistics.median(samples["fwd"]), statistics.median(samples["bwd"])
     flops = t * cfg.top_k * 6 * cfg.hidden * cfg.intermediate  # each of fwd and bwd
     out = {
@@ -275,7 +299,6 @@ def summarize(cfg: KernelBenchConfig, t: int, samples: dict, ceiling: float | No
         "gflops_fwd": flops / fwd / 1e9, "gflops_bwd": flops / bwd / 1e9,
         "gflops_fwd_bwd": 2 * flops / (fwd + bwd) / 1e9,
     }
-    out["frac_of_ceiling"] = out["gflops_fwd_bwd"] / ceiling if ceiling else None
     return out
 
 
@@ -295,15 +318,22 @@ def _timings(fn, warmup: int, repeats: int) -> list[float]:
     return samples
 
 
+def fp32_ceiling(quick: bool) -> tuple[float, float]:
+    """(median, best) GFLOP/s of torch's fp32 matmul of CEILING_SHAPE on the current threads."""
+    m, k, n = CEILING_SHAPE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    gflops = [2 * m * k * n / s / 1e9 for s in _timings(lambda: a @ b, 3, 5 if quick else 15)]
+    return statistics.median(gflops), max(gflops)
+
+
 def measure_machine(quick: bool) -> dict:
     """Reference numbers taken on the benchmark's own threads: the fp32 matmul ceiling, bf16 matmul
     in the two layouts an nn.Linear meets (forward x @ W.T, backward dy @ W), and copy bandwidth."""
-    m, k, n = CEILING_SHAPE
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    fp32 = [2 * m * k * n / s / 1e9 for s in _timings(lambda: a @ b, 3, 5 if quick else 15)]
-    out = {"ceiling_gflops_torch_fp32": statistics.median(fp32), "ceiling_gflops_torch_fp32_best": max(fp32),
-           "ceiling_shape_mkn": list(CEILING_SHAPE)}
-    if not quick:  # dy @ W can be very slow in bf16 on CPUs without native bf16 (see docs), keep it small
+    _, k, n = CEILING_SHAPE
+    median, best = fp32_ceiling(quick)
+    out = {"loadavg_start": list(os.getloadavg()), "ceiling_shape_mkn": list(CEILING_SHAPE),
+           "ceiling_gflops_torch_fp32_start": median, "ceiling_gflops_torch_fp32_best": best}
+    if not quick:  # dy @ W can be very slow in bf16 (see the baseline notes above): keep it small
         x, w = torch.randn(128, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
         s = statistics.median(_timings(lambda: x @ w.T, 1, 5))
         out["gflops_torch_bf16_x_wT_128x2048x1408"] = 2 * 128 * k * n / s / 1e9
@@ -345,14 +375,14 @@ def grouped_mm_backend(module, inp: dict) -> str:
     return "transformers grouped_mm_fallback (a loop of torch.mm)"
 
 
-def _run_case(fn, cfg, t, inp, ceiling) -> tuple[dict, dict | None]:
+def _run_case(fn, cfg, t, inp) -> tuple[dict, dict | None]:
     try:
         samples = time_fwd_bwd(fn, inp, cfg.warmup, cfg.repeats)
     except NotImplementedError as exc:
         return {"status": "unsupported", "detail": str(exc)}, None
     except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest of the run
         return {"status": f"error: {type(exc).__name__}: {exc}"}, None
-    return {"status": "ok", **summarize(cfg, t, samples, ceiling)}, samples
+    return {"status": "ok", **summarize(cfg, t, samples)}, samples
 
 
 def _ratios(ours: dict, base: dict | None) -> dict | None:
@@ -396,7 +426,9 @@ def run(args: argparse.Namespace | KernelBenchConfig) -> dict:
 def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
     paths = cfg.kernel_paths()
     workloads = cfg.workloads()
-    n_cases = len(workloads) * (len(BASELINE_IMPLS) * cfg.baseline + len(cfg.formats) * len(cfg.modes) * len(paths))
+    base_workloads = cfg.baseline_workloads()
+    n_cases = (len(base_workloads) * len(BASELINE_IMPLS)
+               + len(workloads) * len(cfg.formats) * len(cfg.modes) * len(paths))
     report = {
         "schema": SCHEMA,
         "timestamp": stamp.isoformat(timespec="seconds"),
@@ -416,7 +448,6 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
     }
     bar = tqdm(total=n_cases, desc="machine probe", unit="case", file=sys.stderr, dynamic_ncols=True)
     report["machine"].update(measure_machine(cfg.quick))
-    ceiling = report["machine"]["ceiling_gflops_torch_fp32"]
     inputs = {}
     for t, routing in workloads:
         inputs[(t, routing)] = make_inputs(cfg, t, routing)
@@ -425,14 +456,14 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
     bar.set_description("weights")
     gate_up, down = make_weights(cfg)
     best, eager_out = {}, {}
-    if cfg.baseline:
+    if base_workloads:
         module = build_baseline(cfg, gate_up, down)
         report["config"]["grouped_mm_backend"] = grouped_mm_backend(module, inputs[workloads[0]])
-        for t, routing in workloads:
+        for t, routing in base_workloads:
             for impl in BASELINE_IMPLS:
                 bar.set_description(f"transformers {impl} T={t} {routing}")
                 module.config._experts_implementation = impl
-                entry, samples = _run_case(module, cfg, t, inputs[(t, routing)], ceiling)
+                entry, samples = _run_case(module, cfg, t, inputs[(t, routing)])
                 report["baseline"].append({"impl": "transformers", "experts_implementation": impl, "tokens": t,
                                            "routing": routing, **entry})
                 if impl == "eager" and samples is not None:
@@ -444,7 +475,7 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
                 best[(t, routing)] = fastest
                 report["baseline_best"].append({k: fastest[k] for k in (
                     "experts_implementation", "tokens", "routing", "fwd_ms", "bwd_ms", "tokens_per_s",
-                    "gflops_fwd_bwd", "frac_of_ceiling")})
+                    "gflops_fwd_bwd")})
         del module
 
     for fmt in cfg.formats:
@@ -469,7 +500,10 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
                 for path in paths:
                     bar.set_description(f"kt_sft {fmt}/{mode}/{path} T={t} {routing}")
                     engine.set_kernel_path(path)
-                    entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)], ceiling)
+                    if (fmt, mode) in INVALID_PAIRS:
+                        entry, samples = {"status": "unsupported", "detail": INVALID_PAIRS[(fmt, mode)]}, None
+                    else:
+                        entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)])
                     entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing)))
                     ref = eager_out.get((t, routing))
                     if samples is not None and ref is not None:
@@ -478,9 +512,26 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
                                               "tokens": t, "routing": routing, **entry})
                     bar.update()
         del experts
+    bar.set_description("fp32 ceiling again")
+    _apply_ceiling(report, *fp32_ceiling(cfg.quick))
     bar.set_description("done")
     bar.close()
     return report
+
+
+def _apply_ceiling(report: dict, end_median: float, end_best: float) -> None:
+    """Reference = the higher of the start and end medians; then every ok entry gets its fraction."""
+    m = report["machine"]
+    m["loadavg_end"] = list(os.getloadavg())
+    m["ceiling_gflops_torch_fp32_end"] = end_median
+    m["ceiling_gflops_torch_fp32_best"] = max(m["ceiling_gflops_torch_fp32_best"], end_best)
+    start = m["ceiling_gflops_torch_fp32_start"]
+    m["ceiling_gflops_torch_fp32"] = max(start, end_median)
+    m["ceiling_unstable"] = min(start, end_median) < 0.8 * max(start, end_median)
+    m["busy_at_start"] = m["loadavg_start"][0] >= 1.0
+    for entry in report["baseline"] + report["baseline_best"] + report["results"]:
+        if "gflops_fwd_bwd" in entry:
+            entry["frac_of_ceiling"] = entry["gflops_fwd_bwd"] / m["ceiling_gflops_torch_fp32"]
 
 
 # ---------------------------------------------------------------- table
@@ -494,7 +545,9 @@ def format_table(report: dict) -> str:
          f"threads={cfg['threads']}  repeats={cfg['repeats']} (median)  warmup={cfg['warmup']}"),
         f"cpu: {m['cpu_model']}  flags: {' '.join(m.get('cpu_flags') or [])}",
         (f"ceiling (torch fp32 matmul {'x'.join(map(str, m['ceiling_shape_mkn']))}): "
-         f"{m['ceiling_gflops_torch_fp32']:.1f} GFLOP/s median, {m['ceiling_gflops_torch_fp32_best']:.1f} best"),
+         f"{m['ceiling_gflops_torch_fp32']:.1f} GFLOP/s (medians: {m['ceiling_gflops_torch_fp32_start']:.1f} start, "
+         f"{m['ceiling_gflops_torch_fp32_end']:.1f} end; best {m['ceiling_gflops_torch_fp32_best']:.1f})  "
+         f"load avg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"),
         "FLOPs: fwd = bwd = T*k*6*H*I; 'vs base' = faster transformers time / kt_sft time (>1: kt_sft faster)",
     ]
     cols = ("impl", "fmt", "mode", "path", "T", "routing", "fwd ms", "bwd ms", "tok/s", "GFLOP/s", "%ceil",
@@ -526,5 +579,11 @@ def format_table(report: dict) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [" ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += [" ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    foot = "hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm"
-    return "\n".join(head + [""] + lines + ["", foot])
+    foot = ["hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm"]
+    if m["ceiling_unstable"]:
+        foot.append("WARNING: the fp32 ceiling moved by more than 20% during the run; the machine was busy, "
+                    "timings are noisy")
+    if m["busy_at_start"]:
+        foot.append(f"WARNING: load average {m['loadavg_start'][0]:.2f} at the start: other jobs were running, "
+                    "timings (the baseline's most) are noisy")
+    return "\n".join(head + [""] + lines + [""] + foot)

@@ -1,0 +1,49 @@
+"""Input builders and option handling of the kernel benchmark (in process, no timing)."""
+
+import argparse
+
+import pytest
+import torch
+
+from kt_sft import bench_kernels as bk
+
+
+def test_uniform_routing_is_distinct_per_token():
+    idx = bk.uniform_routing(256, 16, 4, torch.Generator().manual_seed(0))
+    assert idx.shape == (256, 4) and idx.dtype == torch.int64
+    assert all(len(set(row)) == 4 for row in idx.tolist())
+
+
+def test_zipf_routing_is_distinct_and_skewed_towards_expert_0():
+    idx = bk.zipf_routing(2048, 64, 6, torch.Generator().manual_seed(0))
+    assert all(len(set(row)) == 6 for row in idx.tolist())
+    load = bk.routing_load(idx, 64)
+    assert load["expert0_share_of_tokens"] > 0.5 and load["max_over_mean"] > 4
+    uniform = bk.routing_load(bk.uniform_routing(2048, 64, 6, torch.Generator().manual_seed(0)), 64)
+    assert uniform["max_over_mean"] < 1.5
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bk.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_explicit_options_override_the_quick_preset():
+    cfg = bk.config_from_args(_args("--quick", "--tokens", "32,8", "--repeats", "3"))
+    assert (cfg.num_experts, cfg.hidden, cfg.tokens, cfg.repeats) == (8, 256, (8, 32), 3)
+    assert cfg.workloads() == [(8, "uniform"), (32, "uniform"), (32, "zipf")]
+    assert cfg.baseline_workloads() == cfg.workloads()
+    capped = bk.config_from_args(_args("--quick", "--baseline-max-tokens", "16"))
+    assert capped.baseline_workloads() == [(16, "uniform")]
+    assert bk.config_from_args(_args("--quick", "--no-baseline")).baseline_workloads() == []
+    default = bk.config_from_args(_args())
+    assert (default.num_experts, default.top_k, default.hidden, default.intermediate) == (64, 6, 2048, 1408)
+    assert default.tokens == (128, 512, 2048) and default.repeats == 5
+
+
+def test_config_rejects_bad_values_naming_them():
+    with pytest.raises(bk.BenchConfigError, match="`repeats` must be a positive int, got 0"):
+        bk.KernelBenchConfig(repeats=0)
+    with pytest.raises(bk.BenchConfigError, match="unknown expert format 'fp8'"):
+        bk.KernelBenchConfig(formats=("fp8",))
