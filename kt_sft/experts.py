@@ -22,13 +22,38 @@ class CPUExperts(nn.Module):
     The packed weights are plain attributes, not parameters or buffers: `model.to("cuda")` leaves
     them in host memory, and state_dict() does not carry them (they come from a conversion)."""
 
-    def __init__(self, packed: Fn.PackedExperts, compute_mode: str | ComputeMode | None = None):
+    def __init__(self, packed: Fn.PackedExperts | None, compute_mode: str | ComputeMode | None = None,
+                 source: tuple[str, int, tuple[int, int, int]] | None = None):
         super().__init__()
-        self.packed = packed
+        if (packed is None) == (source is None):
+            raise ValueError("CPUExperts needs either packed weights or a (pack path, layer, shape) source")
+        self._packed = packed
+        self._source = source
         self.compute_mode = None if compute_mode is None else ComputeMode.parse(compute_mode)
-        self.num_experts = packed.num_experts
-        self.hidden_dim = packed.hidden_dim
-        self.intermediate_dim = packed.intermediate_dim
+        e, h, i = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim) if packed else source[2]
+        self.num_experts, self.hidden_dim, self.intermediate_dim = e, h, i
+
+    @classmethod
+    def from_pack(cls, path: str, layer: int, shape: tuple[int, int, int],
+                  compute_mode: str | ComputeMode | None = None, verify: bool = False) -> "CPUExperts":
+        """Experts of `layer` in a pack file, mapped on first use (so building a model on the meta
+        device, as from_pretrained does, costs nothing). shape = (E, H, I) the model expects."""
+        module = cls(None, compute_mode, source=(str(path), int(layer), tuple(shape)))
+        module._verify = verify
+        return module
+
+    @property
+    def packed(self) -> Fn.PackedExperts:
+        if self._packed is None:
+            from kt_sft.pack_file import open_pack
+
+            path, layer, shape = self._source
+            packed = open_pack(path, getattr(self, "_verify", False)).layer(layer)
+            got = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim)
+            if got != tuple(shape):
+                raise ValueError(f"{path} layer {layer}: experts are (E, H, I) = {got}, the model expects {tuple(shape)}")
+            self._packed = packed
+        return self._packed
 
     @classmethod
     def from_tensors(cls, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, format: str = "bf16",
@@ -51,6 +76,7 @@ class CPUExperts(nn.Module):
 
     def extra_repr(self) -> str:
         mode = self.compute_mode.value if self.compute_mode else "auto"
+        where = (f"format={self._packed.format.value}, packed={self._packed.nbytes / 2**20:.1f} MiB" if self._packed
+                 else f"pack={self._source[0]} layer={self._source[1]} (not mapped yet)")
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
-                f"intermediate_dim={self.intermediate_dim}, format={self.format.value}, compute_mode={mode}, "
-                f"packed={self.packed.nbytes / 2**20:.1f} MiB")
+                f"intermediate_dim={self.intermediate_dim}, compute_mode={mode}, {where}")

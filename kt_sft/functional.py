@@ -74,15 +74,40 @@ def pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, format: st
     return PackedExperts(fmt, e, h, inter, pack(gate_up_proj, two_i, h), pack(down_proj, h, inter))
 
 
+def quantize_matrix(w: torch.Tensor, format: str | Format) -> torch.Tensor:
+    """One (N, K) fp32/bf16 matrix -> its packed bytes (uint8, kt_matrix_bytes long). Threaded."""
+    fmt = Format.parse(format)
+    if w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"expected a 2-D float32/bfloat16 matrix, got {w.dtype} {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("matrix contains NaN or Inf; refusing to pack non-finite weights")
+    w = w.detach().to("cpu").contiguous()
+    n, k = w.shape
+    out = torch.empty(matrix_bytes(fmt, n, k), dtype=torch.uint8)
+    _native.check(lib.kt_quantize_experts(TRAITS[fmt].c_id, _ptr(w), _ACT_DTYPES[w.dtype], 1, n, k, _ptr(out)),
+                  "kt_quantize_experts")
+    return out
+
+
+def dequantize_matrix(packed: torch.Tensor, format: str | Format, n: int, k: int) -> torch.Tensor:
+    """Packed bytes of one (N, K) matrix -> fp32, the values the kernels multiply by."""
+    fmt = Format.parse(format)
+    if packed.dtype != torch.uint8 or packed.numel() < matrix_bytes(fmt, n, k):
+        raise ValueError(f"expected {matrix_bytes(fmt, n, k)} packed bytes, got {packed.dtype} x {packed.numel()}")
+    out = torch.empty((n, k), dtype=torch.float32)
+    _native.check(lib.kt_dequantize_matrix(TRAITS[fmt].c_id, _ptr(packed.contiguous()), n, k, _ptr(out)),
+                  "kt_dequantize_matrix")
+    return out
+
+
 def dequantize_experts(packed: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up_proj, down_proj) as fp32, exactly the values the kernels multiply by."""
     e, h, inter = packed.num_experts, packed.hidden_dim, packed.intermediate_dim
-    fid = TRAITS[packed.format].c_id
     gu = torch.empty((e, 2 * inter, h), dtype=torch.float32)
     dn = torch.empty((e, h, inter), dtype=torch.float32)
     for i in range(e):
-        _native.check(lib.kt_dequantize_matrix(fid, _ptr(packed.gate_up[i]), 2 * inter, h, _ptr(gu[i])), "dequantize")
-        _native.check(lib.kt_dequantize_matrix(fid, _ptr(packed.down[i]), h, inter, _ptr(dn[i])), "dequantize")
+        gu[i] = dequantize_matrix(packed.gate_up[i], packed.format, 2 * inter, h)
+        dn[i] = dequantize_matrix(packed.down[i], packed.format, h, inter)
     return gu, dn
 
 

@@ -184,3 +184,17 @@ class PackFile:
         e = h.num_experts
         return PackedExperts(self.format, e, h.hidden_size, h.intermediate_size,
                              self._view(t["gate_up"], e), self._view(t["down"], e))
+
+
+_OPEN: dict[str, PackFile] = {}
+
+
+def open_pack(path: str | os.PathLike, verify: bool = False) -> PackFile:
+    """One PackFile (one mapping) per file per process, shared by all layers that read it."""
+    key = str(Path(path).resolve())
+    pack = _OPEN.get(key)
+    if pack is None:
+        pack = _OPEN[key] = PackFile(key, verify=verify)
+    elif verify:
+        pack.verify()
+    return pack

@@ -1,0 +1,209 @@
+"""`kt-sft convert`: a Hugging Face MoE checkpoint -> a kt_sft model directory.
+
+Streams the routed experts one expert at a time from the safetensors shards (never the whole model)
+into `experts.ktpack`, writes the other tensors as safetensors, and carries config, tokenizer and
+chat template over. The config gains a `kt_sft` block and an `auto_map` to a two-line modeling
+file, so upstream `from_pretrained(..., trust_remote_code=True)` (and so LLaMA-Factory) loads the
+model with its experts served from the memory-mapped pack.
+
+Reads per-expert tensors (hub layout: `...experts.{e}.gate_proj.weight`, Mixtral's `w1/w3/w2`) or
+already-fused `experts.gate_up_proj` / `experts.down_proj`, in fp32/bf16/fp16 or FP8 (e4m3) with
+`weight_scale_inv` block scales (DeepSeek-V3/R1, Kimi-K2). FP8 non-expert weights become bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from kt_sft import functional as Fn
+from kt_sft.formats import Format
+from kt_sft.loading import MODELING_FILE, modeling_source
+from kt_sft.models import MoEArch, arch_for
+from kt_sft.pack_file import PACK_NAME, PackWriter
+from kt_sft.settings import KtSettings
+
+SHARD_BYTES = 2 * 2**30
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class TensorIndex:
+    """Lazy access to every tensor of a model directory's safetensors shards."""
+
+    def __init__(self, model_dir: Path):
+        from safetensors import safe_open
+
+        self._handles, self.where = [], {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        for path in files:
+            h = safe_open(str(path), framework="pt")
+            self._handles.append(h)
+            for name in h.keys():  # noqa: SIM118 (not a Mapping)
+                self.where[name] = h
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+    def get_float(self, name: str, block: tuple[int, int]) -> torch.Tensor:
+        """fp32 values; FP8 weights are multiplied by their `weight_scale_inv` blocks."""
+        t = self.get(name)
+        if t.dtype in _FP8:
+            scale_name = name + "_scale_inv"
+            if scale_name not in self:
+                raise ValueError(f"{name} is FP8 but {scale_name} is missing")
+            return fp8_dequantize(t, self.get(scale_name), block)
+        return t.to(torch.float32)
+
+
+def fp8_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w (N, K) FP8, scale_inv (ceil(N/bn), ceil(K/bk)) -> fp32 w * scale per (bn x bk) block."""
+    n, k = w.shape
+    bn, bk = block
+    if scale_inv.shape != ((n + bn - 1) // bn, (k + bk - 1) // bk):
+        raise ValueError(f"FP8 scale shape {tuple(scale_inv.shape)} does not tile a {n}x{k} weight by {bn}x{bk}")
+    s = scale_inv.to(torch.float32).repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return w.to(torch.float32) * s
+
+
+def _moe_layers(arch: MoEArch, index: TensorIndex, num_layers: int) -> list[int]:
+    return [i for i in range(num_layers)
+            if arch.expert_key(i, 0, 0) in index or arch.fused_keys(i)[0] in index]
+
+
+def _is_expert_tensor(arch: MoEArch, name: str) -> bool:
+    return re.search(rf"\.{re.escape(arch.disk_prefix)}\.experts\.", name) is not None
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+
+
+def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "int8", force: bool = False,
+            progress: bool = True, settings: KtSettings | None = None) -> dict:
+    """Converts `model_dir` into `out_dir`; returns a report (also written as kt_sft_convert.json)."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    fmt = Format.parse(format)
+    src, out = Path(model_dir), Path(out_dir)
+    config = json.loads((src / "config.json").read_text())
+    arch = arch_for(config)
+    _check_out_dir(out, force)
+    index = TensorIndex(src)
+    num_experts, inter = arch.num_experts(config), arch.intermediate_size(config)
+    hidden = int(config["hidden_size"])
+    layers = _moe_layers(arch, index, int(config["num_hidden_layers"]))
+    if not layers:
+        raise ValueError(f"no routed experts found in {src} (looked for {arch.expert_key(0, 0, 0)} and fused tensors)")
+    qcfg = config.get("quantization_config") or {}
+    block = tuple(qcfg.get("weight_block_size") or (128, 128))
+
+    t0 = time.perf_counter()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        source = {"model_dir": str(src.resolve()), "model_type": arch.model_type}
+        writer = PackWriter(tmp / PACK_NAME, fmt, arch.model_type, num_experts, hidden, inter, layers, source)
+        sq_err = {layer: [0.0, 0.0] for layer in layers}
+        bar = tqdm(total=len(layers) * num_experts, desc=f"experts -> {fmt.value}", unit="expert", disable=not progress)
+        for layer in layers:
+            fused = arch.fused_keys(layer)
+            fused_gu = index.get(fused[0]) if fused[0] in index else None
+            fused_dn = index.get(fused[1]) if fused[1] in index else None
+            for e in range(num_experts):
+                if fused_gu is not None:
+                    gu, dn = fused_gu[e].to(torch.float32), fused_dn[e].to(torch.float32)
+                else:
+                    g, u, dn = (index.get_float(arch.expert_key(layer, e, w), block) for w in range(3))
+                    gu = torch.cat([g, u], dim=0)
+                if gu.shape != (2 * inter, hidden) or dn.shape != (hidden, inter):
+                    raise ValueError(f"layer {layer} expert {e}: shapes {tuple(gu.shape)}/{tuple(dn.shape)} do not match "
+                                     f"the config's H={hidden}, I={inter}")
+                for which, w in (("gate_up", gu), ("down", dn)):
+                    packed = Fn.quantize_matrix(w, fmt)
+                    writer.write_expert(layer, which, e, packed)
+                    back = Fn.dequantize_matrix(packed, fmt, *w.shape)
+                    sq_err[layer][0] += float((back - w).square().sum())
+                    sq_err[layer][1] += float(w.square().sum())
+                bar.update(1)
+        bar.close()
+        writer.close()
+
+        # everything else: safetensors shards (FP8 -> bf16, scale tensors dropped)
+        dropped_fp8 = False
+        shard, shard_bytes, shards, weight_map = {}, 0, [], {}
+        names = [n for n in index.where if not _is_expert_tensor(arch, n)]
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard:
+                fname = f"model-{len(shards) + 1:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                shards.append(fname)
+                weight_map.update({n: fname for n in shard})
+                shard, shard_bytes = {}, 0
+
+        for name in tqdm(names, desc="other tensors", unit="tensor", disable=not progress):
+            if name.endswith("_scale_inv"):
+                dropped_fp8 = True
+                continue
+            t = index.get(name)
+            if t.dtype in _FP8:
+                t = index.get_float(name, block).to(torch.bfloat16)
+                dropped_fp8 = True
+            shard[name] = t.contiguous()
+            shard_bytes += t.numel() * t.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                flush()
+        flush()
+        if len(shards) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        elif shards:
+            (tmp / shards[0]).rename(tmp / "model.safetensors")
+
+        for f in src.iterdir():
+            if f.is_file() and f.name != "config.json" and not f.name.endswith(_WEIGHT_FILES) \
+                    and f.name != "model.safetensors.index.json" and f.suffix != ".py":
+                shutil.copy2(f, tmp / f.name)
+        kt = settings or KtSettings(format=fmt.value)
+        kt.format = fmt.value
+        new_config = dict(config)
+        if dropped_fp8:
+            new_config.pop("quantization_config", None)
+        new_config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.KtSftForCausalLM"}
+        new_config["kt_sft"] = {**kt.to_config(), "arch": arch.model_type}
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        (tmp / MODELING_FILE).write_text(modeling_source(arch.model_type))
+
+        report = {
+            "model_dir": str(src), "out_dir": str(out), "format": fmt.value, "arch": arch.model_type,
+            "num_experts": num_experts, "hidden_size": hidden, "intermediate_size": inter, "moe_layers": layers,
+            "pack_bytes": (tmp / PACK_NAME).stat().st_size,
+            "expert_rel_error": {str(k): (v[0] / v[1]) ** 0.5 if v[1] else 0.0 for k, v in sq_err.items()},
+            "seconds": round(time.perf_counter() - t0, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "fp8_dequantized": dropped_fp8,
+        }
+        (tmp / "kt_sft_convert.json").write_text(json.dumps(report, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

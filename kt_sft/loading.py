@@ -1,0 +1,79 @@
+"""Loading a converted model with upstream transformers: the class behind the converted directory's
+`auto_map`, and the swap of each MoE block's experts for CPUExperts over the memory-mapped pack.
+
+`from_pretrained(dir, trust_remote_code=True)` imports the directory's `modeling_kt_sft.py`, whose
+class is the upstream one (e.g. Qwen3MoeForCausalLM) with one addition: after the upstream
+`__init__`, every `model.layers.{i}.mlp.experts` becomes a CPUExperts reading layer i of the pack.
+Router, shared experts, attention and norms stay ordinary torch modules (LoRA, the MoE aux loss and
+gradient checkpointing work unchanged); the experts have no parameters, so nothing is allocated or
+loaded for them, and `model.to("cuda")` leaves them in host memory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import nn
+
+from kt_sft.experts import CPUExperts
+from kt_sft.models import ARCHS
+from kt_sft.settings import KtSettings
+
+MODELING_FILE = "modeling_kt_sft.py"
+_EXPERTS_PATH = re.compile(r"^(?:.*\.)?layers\.(\d+)\.mlp\.experts$")
+_CLASSES: dict[str, type] = {}
+
+
+def modeling_source(model_type: str) -> str:
+    return (
+        f'"""Written by `kt-sft convert`: the upstream {ARCHS[model_type].causal_lm_class} with its routed\n'
+        'experts served by kt_sft from this directory\'s expert pack. Needs `pip install kt_sft`."""\n\n'
+        "from kt_sft.loading import kt_causal_lm_class\n\n"
+        f'KtSftForCausalLM = kt_causal_lm_class("{model_type}")\n'
+    )
+
+
+def install_cpu_experts(model: nn.Module, config) -> int:
+    """Replaces every fused experts module with CPUExperts over the pack; returns how many."""
+    settings = KtSettings.from_config(getattr(config, "kt_sft", None))
+    base = Path(getattr(config, "name_or_path", "") or ".")
+    pack = Path(settings.pack) if Path(settings.pack).is_absolute() else base / settings.pack
+    if settings.num_threads is not None:
+        import kt_sft
+
+        kt_sft.set_num_threads(settings.num_threads)
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        match = _EXPERTS_PATH.match(name)
+        if match is None or not hasattr(module, "gate_up_proj"):
+            continue
+        e, two_i, h = module.gate_up_proj.shape
+        new = CPUExperts.from_pack(str(pack), int(match.group(1)), (e, h, two_i // 2), settings.compute_mode,
+                                   verify=settings.verify)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+        swapped += 1
+    if swapped == 0:
+        raise ValueError(f"{type(model).__name__} has no fused experts modules to serve from {pack}")
+    return swapped
+
+
+def kt_causal_lm_class(model_type: str) -> type:
+    """The upstream causal-LM class of `model_type`, with experts served by kt_sft."""
+    if model_type in _CLASSES:
+        return _CLASSES[model_type]
+    import transformers
+
+    if model_type not in ARCHS:
+        raise ValueError(f"kt_sft does not support model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
+    base = getattr(transformers, ARCHS[model_type].causal_lm_class)
+
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        install_cpu_experts(self, config)
+
+    cls = type("KtSftForCausalLM", (base,), {"__init__": __init__, "__doc__": base.__doc__,
+                                             "__module__": base.__module__})
+    _CLASSES[model_type] = cls
+    return cls
