@@ -1,6 +1,9 @@
 """`kt-sft` command line. Thin: it parses, then calls functions that live in other modules.
 
     kt-sft doctor [--json]           what the engine chose and what this machine offers
+    kt-sft convert --model DIR --out DIR --format {bf16,int8,int4} [--force]
+                                     a Hugging Face MoE checkpoint -> a kt_sft model directory
+    kt-sft verify DIR                check every tensor of a converted model's expert pack
     kt-sft bench kernels [options]   time one experts layer, kt_sft against transformers
 """
 
@@ -29,6 +32,39 @@ def _bench_kernels(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     return 0
 
 
+def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kt_sft.convert import convert
+
+    try:
+        report = convert(args.model, args.out, args.format, force=args.force, progress=not args.quiet)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        parser.error(str(exc))
+    worst = max(report["expert_rel_error"].values())
+    print(f"converted {report['arch']} ({len(report['moe_layers'])} MoE layers x {report['num_experts']} experts) "
+          f"to {report['format']} in {report['seconds']} s: pack {report['pack_bytes'] / 2**20:.1f} MiB, "
+          f"worst layer relative error {worst:.2e}, peak RSS {report['peak_rss_mib']:.0f} MiB -> {report['out_dir']}")
+    return 0
+
+
+def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from kt_sft.pack_file import PACK_NAME, PackFile
+
+    path = Path(args.path)
+    if path.is_dir():
+        block = _json.loads((path / "config.json").read_text()).get("kt_sft", {}) if (path / "config.json").exists() else {}
+        path = path / block.get("pack", PACK_NAME)
+    try:
+        pack = PackFile(path, verify=True)
+    except (OSError, ValueError) as exc:
+        print(f"FAILED: {exc}")
+        return 1
+    print(f"ok: {path} ({pack.header.format}, {len(pack.layers)} layers, {path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kt_sft import bench_kernels
 
@@ -38,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="show the kernel path, threads, CPU, memory and versions")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(handler=_doctor, command_parser=doctor)
+
+    conv = commands.add_parser("convert", help="convert a Hugging Face MoE checkpoint for kt_sft")
+    conv.add_argument("--model", required=True, help="directory with config.json and *.safetensors")
+    conv.add_argument("--out", required=True, help="output directory (created atomically)")
+    conv.add_argument("--format", default="int8", choices=["bf16", "int8", "int4"], help="expert weight format")
+    conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    conv.add_argument("--quiet", action="store_true", help="no progress bars")
+    conv.set_defaults(handler=_convert, command_parser=conv)
+
+    ver = commands.add_parser("verify", help="check the CRC-32 of every tensor in an expert pack")
+    ver.add_argument("path", help="a converted model directory or an .ktpack file")
+    ver.set_defaults(handler=_verify, command_parser=ver)
 
     bench = commands.add_parser("bench", help="benchmarks (results go to bench_results/ as JSON)")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")

@@ -100,6 +100,8 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
 
     fmt = Format.parse(format)
     src, out = Path(model_dir), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a Hugging Face model directory (no config.json)")
     config = json.loads((src / "config.json").read_text())
     arch = arch_for(config)
     _check_out_dir(out, force)

@@ -1,0 +1,141 @@
+"""Conversion and loading: tiny checkpoints of every family -> kt_sft directories that upstream
+`from_pretrained(trust_remote_code=True)` loads, matching the original model run with the same
+(dequantized) expert weights, forward and backward."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from kt_sft import functional as Fn
+from kt_sft.convert import convert, fp8_dequantize
+from kt_sft.experts import CPUExperts
+from kt_sft.fixtures import ARCHS, build_fixtures
+from kt_sft.pack_file import PackFile
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fixtures")
+    build_fixtures(out, log=None)
+    return out
+
+
+def reference_with_pack_experts(model_dir, kt_dir):
+    """The upstream model, its experts replaced by the pack's dequantized weights."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pack = PackFile(kt_dir / "experts.ktpack")
+    for layer in pack.layers:
+        experts = model.model.layers[layer].mlp.experts
+        gu, dn = Fn.dequantize_experts(pack.layer(layer))
+        with torch.no_grad():
+            experts.gate_up_proj.copy_(gu)
+            experts.down_proj.copy_(dn)
+    return model
+
+
+def forward_backward(model, ids):
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_converted_model_matches_upstream(fixtures, tmp_path, arch, fmt):
+    src = fixtures / "models" / arch
+    report = convert(src, tmp_path / "kt", fmt, progress=False)
+    assert report["arch"] == arch and report["moe_layers"]
+    kt = AutoModelForCausalLM.from_pretrained(tmp_path / "kt", trust_remote_code=True, dtype=torch.float32)
+    assert type(kt).__name__ == "KtSftForCausalLM"
+    experts = [m for m in kt.modules() if isinstance(m, CPUExperts)]
+    assert len(experts) == len(report["moe_layers"])
+    assert not any("mlp.experts." in n for n, _ in kt.named_parameters())
+    for m in experts:
+        m.compute_mode = "f32"  # exact mode: the comparison isolates conversion and loading
+    ref = reference_with_pack_experts(src, tmp_path / "kt")
+    ids = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(0))
+    logits_kt, grads_kt = forward_backward(kt, ids)
+    logits_ref, grads_ref = forward_backward(ref, ids)
+    assert float((logits_kt - logits_ref).norm() / logits_ref.norm()) < 1e-5
+    assert set(grads_kt) == {n for n in grads_ref if "mlp.experts." not in n}
+    for name, g in grads_kt.items():  # includes the router: its gradient flows through the kernels' dw
+        denom = grads_ref[name].norm()
+        assert float((g - grads_ref[name]).norm() / denom.clamp_min(1e-12)) < 1e-4, name
+
+
+def test_fp8_block_scaled_checkpoint(fixtures, tmp_path):
+    """DeepSeek-V3/Kimi-K2 ship FP8 e4m3 weights with per-128x128 `weight_scale_inv`; here 16x16 blocks
+    on the tiny model, experts and one attention projection in FP8."""
+    src = fixtures / "models" / "deepseek_v3"
+    fp8_dir = tmp_path / "fp8"
+    fp8_dir.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (fp8_dir / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    expected = {}
+    for name in list(tensors):
+        if not (".experts." in name or name.endswith("self_attn.q_a_proj.weight")):
+            continue
+        w = tensors[name]
+        n, k = w.shape
+        blocks = w.reshape(n // 16, 16, k // 16, 16).abs().amax(dim=(1, 3))
+        scale_inv = (blocks / 448.0).clamp_min(1e-12)
+        q = (w / scale_inv.repeat_interleave(16, 0).repeat_interleave(16, 1)).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = q, scale_inv
+        expected[name] = fp8_dequantize(q, scale_inv, (16, 16))
+    save_file(tensors, fp8_dir / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+
+    report = convert(fp8_dir, tmp_path / "kt", "bf16", progress=False)
+    assert report["fp8_dequantized"]
+    out_config = json.loads((tmp_path / "kt" / "config.json").read_text())
+    assert "quantization_config" not in out_config
+    pack = PackFile(tmp_path / "kt" / "experts.ktpack")
+    for layer in pack.layers:
+        gu, dn = Fn.dequantize_experts(pack.layer(layer))
+        for e in range(gu.shape[0]):
+            base = f"model.layers.{layer}.mlp.experts.{e}"
+            want = torch.cat([expected[f"{base}.gate_proj.weight"], expected[f"{base}.up_proj.weight"]])
+            torch.testing.assert_close(gu[e], want.bfloat16().float(), rtol=0, atol=0)
+            torch.testing.assert_close(dn[e], expected[f"{base}.down_proj.weight"].bfloat16().float(), rtol=0, atol=0)
+    out = load_file(tmp_path / "kt" / "model.safetensors")
+    assert not any(n.endswith("_scale_inv") for n in out)
+    name = "model.layers.1.self_attn.q_a_proj.weight"
+    assert out[name].dtype == torch.bfloat16
+    torch.testing.assert_close(out[name], expected[name].bfloat16(), rtol=0, atol=0)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "kt", trust_remote_code=True)  # loads
+
+
+def test_refuses_non_empty_out_and_is_atomic(fixtures, tmp_path):
+    src = fixtures / "models" / "qwen3_moe"
+    out = tmp_path / "kt"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        convert(src, out, "int8", progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in src.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(KeyError):
+        convert(broken, out, "int8", force=True, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"  # the old directory survives a failed conversion
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".kt.tmp")] == []
+    convert(src, out, "int8", force=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "experts.ktpack").exists()
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="does not support model_type 'llama'; supported: deepseek_v2"):
+        convert(tmp_path, tmp_path / "out", "int8", progress=False)
