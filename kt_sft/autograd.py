@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kt_sft import functional as Fn
+from kt_sft import recompute_cache
 from kt_sft.formats import ComputeMode
 
 
@@ -36,11 +37,20 @@ class CPUExpertsFunction(torch.autograd.Function):
     costs T*k*2I*4 bytes for one layer at a time under gradient checkpointing."""
 
     @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode):
+    def forward(ctx, x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode,
+                cache: "recompute_cache.RecomputeCache | None" = None, phase: str = "plain"):
         device, x_dtype, w_dtype = x.device, x.dtype, top_k_weights.dtype
         x_h, idx_h, w_h = _to_host(x), _to_host(top_k_index), _to_host(top_k_weights)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        y, gu = Fn.moe_forward(packed, x_h, idx_h, w_h, mode, save_for_backward=need_grad)
+        # (phase is decided by the caller: inside forward() grad mode is always off)
+        key = recompute_cache.key_of(x_h, idx_h, w_h) if phase != "plain" else None
+        hit = cache.take(key) if phase == "recompute" else None
+        if hit is not None:  # checkpoint recomputation: the first pass already ran these experts
+            y, gu = hit
+        else:
+            y, gu = Fn.moe_forward(packed, x_h, idx_h, w_h, mode, save_for_backward=need_grad or phase == "first")
+        if phase == "first":
+            cache.put(key, y, gu)
         ctx.packed, ctx.mode = packed, mode
         ctx.device, ctx.x_dtype, ctx.w_dtype = device, x_dtype, w_dtype
         if need_grad:
@@ -50,16 +60,18 @@ class CPUExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-            return None, None, None, None, None
+            return None, None, None, None, None, None, None
         idx_h, w_h, gu = ctx.saved_tensors
         dx, dw = Fn.moe_backward(ctx.packed, _to_host(dy.contiguous()), idx_h, w_h, gu, ctx.mode)
         dx = _to_device(dx, ctx.device, ctx.x_dtype) if ctx.needs_input_grad[0] else None
         dw = _to_device(dw, ctx.device, ctx.w_dtype) if ctx.needs_input_grad[2] else None
-        return dx, None, dw, None, None
+        return dx, None, dw, None, None, None, None
 
 
-def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode):
-    """Validates, then runs CPUExpertsFunction."""
+def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode,
+                cache: "recompute_cache.RecomputeCache | None" = None):
+    """Validates, then runs CPUExpertsFunction (with `cache`, checkpoint recomputation reuses the
+    first pass's results; see kt_sft/recompute_cache.py)."""
     devices = {t.device for t in (x, top_k_index, top_k_weights) if isinstance(t, torch.Tensor)}
     if len(devices) > 1:
         raise ValueError(f"inputs are on different devices: {sorted(str(d) for d in devices)}")
@@ -67,4 +79,5 @@ def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: C
     if device is not None and device.type not in ("cpu", "cuda"):
         raise ValueError(f"inputs must be on cpu or cuda, got {device}")
     Fn.validate_routing(packed, x, top_k_index, top_k_weights)
-    return CPUExpertsFunction.apply(x, top_k_index, top_k_weights, packed, mode)
+    phase = recompute_cache.phase() if cache is not None else "plain"
+    return CPUExpertsFunction.apply(x, top_k_index, top_k_weights, packed, mode, cache, phase)

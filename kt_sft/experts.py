@@ -9,6 +9,7 @@ from torch import nn
 from kt_sft import functional as Fn
 from kt_sft.autograd import cpu_experts
 from kt_sft.formats import ComputeMode, Format
+from kt_sft.recompute_cache import RecomputeCache
 
 
 def default_compute_mode(fmt: Format, x_dtype: torch.dtype) -> ComputeMode:
@@ -29,6 +30,7 @@ class CPUExperts(nn.Module):
             raise ValueError("CPUExperts needs either packed weights or a (pack path, layer, shape) source")
         self._packed = packed
         self._source = source
+        self.recompute_cache: RecomputeCache | None = RecomputeCache()  # None: checkpointing recomputes
         self.compute_mode = None if compute_mode is None else ComputeMode.parse(compute_mode)
         e, h, i = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim) if packed else source[2]
         self.num_experts, self.hidden_dim, self.intermediate_dim = e, h, i
@@ -68,7 +70,8 @@ class CPUExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         mode = self.compute_mode or default_compute_mode(self.format, getattr(hidden_states, "dtype", None))
-        return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode)
+        cache = self.recompute_cache if self.training else None
+        return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) in fp32 as the kernels see them."""

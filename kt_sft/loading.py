@@ -51,6 +51,8 @@ def install_cpu_experts(model: nn.Module, config) -> int:
         e, two_i, h = module.gate_up_proj.shape
         new = CPUExperts.from_pack(str(pack), int(match.group(1)), (e, h, two_i // 2), settings.compute_mode,
                                    verify=settings.verify)
+        if not settings.checkpoint_cache:
+            new.recompute_cache = None
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1

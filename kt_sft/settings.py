@@ -27,6 +27,9 @@ class KtSettings:
     """Stage CUDA activations through pinned host buffers. Env: KT_SFT_PIN_MEMORY."""
     verify: bool = False
     """Check every tensor's CRC-32 when the pack is opened (reads the whole file). Env: KT_SFT_VERIFY."""
+    checkpoint_cache: bool = True
+    """Reuse the experts' first-pass results in gradient-checkpointing recomputation (host memory:
+    T*H*4 + T*k*2I*4 bytes per MoE layer until its backward). Env: KT_SFT_CHECKPOINT_CACHE."""
 
     def __post_init__(self):
         Format.parse(self.format)
@@ -50,7 +53,7 @@ class KtSettings:
             raw = env.get(f"KT_SFT_{f.name.upper()}")
             if raw is None or raw == "":
                 continue
-            if f.name in ("pin_memory", "verify"):
+            if f.name in ("pin_memory", "verify", "checkpoint_cache"):
                 if raw.lower() not in _TRUE | _FALSE:
                     raise ValueError(f"KT_SFT_{f.name.upper()} should be 0/1/true/false, got {raw!r}")
                 values[f.name] = raw.lower() in _TRUE
