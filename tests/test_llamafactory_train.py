@@ -1,0 +1,98 @@
+"""kt_sft inside the real, unmodified `llamafactory-cli train`: tiny converted models of each family
+and format train (eval loss falls, adapter saved), and per-step losses match plain LLaMA-Factory on
+the original checkpoint. Each run is a fresh process (~15 s, mostly start-up)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kt_sft.convert import convert
+from kt_sft.fixtures import build_fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+KT_YAML = ROOT / "yaml_configs" / "tiny_qwen3_moe_kt.yaml"
+CLI = shutil.which("llamafactory-cli", path=str(Path(sys.executable).parent))
+
+pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed next to this Python")
+
+# CI: every architecture in bf16, plus one architecture in each other format; the rest are `slow`.
+CI_CASES = [("qwen3_moe", "bf16"), ("deepseek_v2", "bf16"), ("deepseek_v3", "bf16"),
+            ("qwen3_moe", "int8"), ("deepseek_v3", "int4")]
+ALL_CASES = [(a, f) for a in ("qwen3_moe", "deepseek_v2", "deepseek_v3") for f in ("bf16", "int8", "int4")]
+SLOW_CASES = [c for c in ALL_CASES if c not in CI_CASES]
+# Per-step train loss, kt_sft vs plain LLaMA-Factory on the original fp32 checkpoint (20 steps).
+PARITY_MAX_DIFF = {"bf16": 0.02, "int8": 0.05, "int4": 0.25}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lf")
+    build_fixtures(root / "fx", archs=["qwen3_moe", "deepseek_v2", "deepseek_v3"], log=None)
+    return root
+
+
+def converted(work: Path, arch: str, fmt: str) -> Path:
+    out = work / "kt" / f"{arch}-{fmt}"
+    if not out.exists():
+        convert(work / "fx" / "models" / arch, out, fmt, progress=False)
+    return out
+
+
+def train(work: Path, model: Path, out: Path, **overrides) -> list[dict]:
+    args = {"model_name_or_path": model, "dataset_dir": work / "fx" / "data", "output_dir": out, **overrides}
+    cmd = [CLI, "train", str(KT_YAML)] + [f"{k}={v}" for k, v in args.items()]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KT_SFT_NUM_THREADS": "2"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+def check_learns(work, arch, fmt, tmp_path):
+    out = tmp_path / "run"
+    log = train(work, converted(work, arch, fmt), out, max_steps=40, eval_steps=40, logging_steps=10)
+    evals = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert len(evals) == 2, log
+    print(f"[learns] {arch}/{fmt}: eval loss {evals[0]:.3f} -> {evals[1]:.3f}")
+    assert evals[1] <= 0.7 * evals[0], f"{arch}/{fmt}: eval loss {evals[0]:.3f} -> {evals[1]:.3f} (< 30% drop)"
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("arch,fmt", CI_CASES)
+def test_train_learns(work, arch, fmt, tmp_path):
+    check_learns(work, arch, fmt, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,fmt", SLOW_CASES)
+def test_train_learns_slow(work, arch, fmt, tmp_path):
+    check_learns(work, arch, fmt, tmp_path)
+
+
+def parity(work, arch, fmt, tmp_path):
+    steps = {"max_steps": 20, "logging_steps": 1, "eval_strategy": "'no'", "eval_on_start": "false"}
+    plain = train(work, work / "fx" / "models" / arch, tmp_path / "plain", **steps)
+    ours = train(work, converted(work, arch, fmt), tmp_path / "kt", **steps)
+    a = [e["loss"] for e in plain if "loss" in e]
+    b = [e["loss"] for e in ours if "loss" in e]
+    assert len(a) == len(b) == 20
+    worst = max(abs(x - y) for x, y in zip(a, b))
+    print(f"[parity] {arch}/{fmt}: max per-step loss difference {worst:.4f} over 20 steps")
+    assert worst <= PARITY_MAX_DIFF[fmt], f"{arch}/{fmt}: per-step loss differs by up to {worst:.4f}"
+    return worst
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe"])
+def test_parity_with_plain_llamafactory_bf16(work, arch, tmp_path):
+    parity(work, arch, "bf16", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,fmt", [("deepseek_v3", "bf16"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
+                                      ("deepseek_v2", "int8")])
+def test_parity_with_plain_llamafactory_slow(work, arch, fmt, tmp_path):
+    parity(work, arch, fmt, tmp_path)
