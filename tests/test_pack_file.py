@@ -73,3 +73,39 @@ def test_writer_refuses_out_of_order_and_incomplete(tmp_path, seed):
     w.write_expert(0, "gate_up", 0, packed.gate_up[0])
     with pytest.raises(ValueError, match="pack incomplete"):
         w.close()
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_mapping_costs_only_the_pages_touched(tmp_path, seed):
+    """Opening a pack maps it without reading it; a forward that routes every token to two of 64
+    experts brings in about those two experts' pages (RssFile), not the whole layer."""
+    e, h, inter = 64, 512, 256
+    gu, dn = random_experts(e, h, inter)
+    packed = Fn.pack_experts(gu, dn, "bf16")
+    path = tmp_path / "experts.ktpack"
+    w = PackWriter(path, "bf16", "t", e, h, inter, [0])
+    for i in range(e):
+        w.write_expert(0, "gate_up", i, packed.gate_up[i])
+    for i in range(e):
+        w.write_expert(0, "down", i, packed.down[i])
+    w.close()
+    layer_kib = (packed.gate_up.numel() + packed.down.numel()) // 1024
+    per_expert_kib = layer_kib // e
+
+    before = _status_kib("RssFile")
+    pack = PackFile(path)
+    mapped = pack.layer(0)
+    after_open = _status_kib("RssFile")
+    ex = CPUExperts(mapped, compute_mode="f32")
+    idx = torch.tensor([[3, 40]] * 9)
+    ex(torch.randn(9, h), idx, torch.rand(9, 2))
+    after_use = _status_kib("RssFile")
+    assert after_open - before < layer_kib // 8
+    assert after_use - after_open <= 2 * per_expert_kib + 1024, (layer_kib, after_use - after_open)
+    assert after_use - after_open >= per_expert_kib  # the two experts really were read from the map
