@@ -11,6 +11,8 @@ loaded for them, and `model.to("cuda")` leaves them in host memory.
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
 from pathlib import Path
 
@@ -32,6 +34,32 @@ def modeling_source(model_type: str) -> str:
         "from kt_sft.loading import kt_causal_lm_class\n\n"
         f'KtSftForCausalLM = kt_causal_lm_class("{model_type}")\n'
     )
+
+
+def memory_status() -> dict[str, int]:
+    """VmHWM (peak resident), VmRSS, RssAnon and RssFile of this process, in KiB (Linux)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                    out[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def _report_memory_at_exit() -> None:
+    from kt_sft import recompute_cache
+
+    mem = memory_status()
+    peak_cache = recompute_cache.stats()["peak_bytes"]
+    print("[kt_sft] memory at exit: " + ", ".join(f"{k} {v / 1024:.0f} MiB" for k, v in mem.items())
+          + f"; checkpoint cache peak {peak_cache / 2**20:.1f} MiB", flush=True)
+
+
+_MEMORY_REPORT_REGISTERED = False
 
 
 def install_cpu_experts(model: nn.Module, config) -> int:
@@ -58,6 +86,10 @@ def install_cpu_experts(model: nn.Module, config) -> int:
         swapped += 1
     if swapped == 0:
         raise ValueError(f"{type(model).__name__} has no fused experts modules to serve from {pack}")
+    global _MEMORY_REPORT_REGISTERED
+    if os.environ.get("KT_SFT_MEMORY_REPORT", "") not in ("", "0") and not _MEMORY_REPORT_REGISTERED:
+        atexit.register(_report_memory_at_exit)  # e.g. at the end of a llamafactory-cli run
+        _MEMORY_REPORT_REGISTERED = True
     return swapped
 
 

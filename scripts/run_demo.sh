@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 KT_SFT_MEMORY_REPORT=1
 .venv/bin/kt-sft doctor
 .venv/bin/python scripts/build_fixtures.py --out runs/fixtures --arch qwen3_moe
 .venv/bin/kt-sft convert --model runs/fixtures/models/qwen3_moe --out runs/kt/qwen3_moe-int8 --format int8 --force

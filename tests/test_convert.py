@@ -139,3 +139,50 @@ def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="does not support model_type 'llama'; supported: deepseek_v2"):
         convert(tmp_path, tmp_path / "out", "int8", progress=False)
+
+
+def test_truncated_shard_and_mismatched_pack(fixtures, tmp_path):
+    src = fixtures / "models" / "qwen3_moe"
+    trunc = tmp_path / "trunc"
+    trunc.mkdir()
+    for f in src.iterdir():
+        data = f.read_bytes()
+        (trunc / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    with pytest.raises(Exception):  # safetensors refuses the file; nothing is written
+        convert(trunc, tmp_path / "out", "int8", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    kt = tmp_path / "kt"
+    convert(src, kt, "int8", progress=False)
+    config = json.loads((kt / "config.json").read_text())
+    config["moe_intermediate_size"] = 48  # the pack holds I = 32
+    (kt / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(kt, trust_remote_code=True)
+    with pytest.raises(ValueError, match=r"experts are \(E, H, I\) = \(8, 64, 32\), the model expects \(8, 64, 48\)"):
+        model(torch.tensor([[1, 2, 3]]))
+
+
+def test_settings_block_and_environment(fixtures, tmp_path, monkeypatch):
+    from kt_sft.settings import KtSettings
+
+    s = KtSettings.from_config({"compute_mode": "bf16", "num_threads": 2}, environ={"KT_SFT_COMPUTE_MODE": "f32"})
+    assert s.compute_mode == "f32" and s.num_threads == 2 and s.checkpoint_cache
+    assert KtSettings.from_config({}, environ={"KT_SFT_CHECKPOINT_CACHE": "0"}).checkpoint_cache is False
+    with pytest.raises(ValueError, match="unknown keys in config.json's kt_sft block: \\['threads'\\]"):
+        KtSettings.from_config({"threads": 2}, environ={})
+    with pytest.raises(ValueError, match="KT_SFT_NUM_THREADS should be a positive integer, got 'many'"):
+        KtSettings.from_config({}, environ={"KT_SFT_NUM_THREADS": "many"})
+    with pytest.raises(ValueError, match="num_threads` should be a positive integer, got 0"):
+        KtSettings.from_config({"num_threads": 0}, environ={})
+    with pytest.raises(ValueError, match="unknown compute mode 'fp4'"):
+        KtSettings.from_config({}, environ={"KT_SFT_COMPUTE_MODE": "fp4"})
+    with pytest.raises(ValueError, match="KT_SFT_VERIFY should be 0/1/true/false, got 'maybe'"):
+        KtSettings.from_config({}, environ={"KT_SFT_VERIFY": "maybe"})
+
+    kt = tmp_path / "kt"
+    convert(fixtures / "models" / "qwen3_moe", kt, "int8", progress=False)
+    monkeypatch.setenv("KT_SFT_COMPUTE_MODE", "int8")
+    monkeypatch.setenv("KT_SFT_CHECKPOINT_CACHE", "false")
+    model = AutoModelForCausalLM.from_pretrained(kt, trust_remote_code=True)
+    experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
+    assert all(m.compute_mode.value == "int8" and m.recompute_cache is None for m in experts)
