@@ -26,7 +26,7 @@ CI_CASES = [("qwen3_moe", "bf16"), ("deepseek_v2", "bf16"), ("deepseek_v3", "bf1
 ALL_CASES = [(a, f) for a in ("qwen3_moe", "deepseek_v2", "deepseek_v3") for f in ("bf16", "int8", "int4")]
 SLOW_CASES = [c for c in ALL_CASES if c not in CI_CASES]
 # Per-step train loss, kt_sft vs plain LLaMA-Factory on the original fp32 checkpoint (20 steps).
-PARITY_MAX_DIFF = {"bf16": 0.02, "int8": 0.05, "int4": 0.25}
+PARITY_MAX_DIFF = {"bf16": 0.02, "int8": 0.01, "int4": 0.02}  # measured: 1e-4, 1e-4, 1.3e-3
 
 
 @pytest.fixture(scope="module")
