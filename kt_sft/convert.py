@@ -30,32 +30,65 @@ from kt_sft.models import MoEArch, arch_for
 from kt_sft.pack_file import PACK_NAME, PackWriter
 from kt_sft.settings import KtSettings
 
-SHARD_BYTES = 2 * 2**30
+SHARD_BYTES = 512 * 2**20  # non-expert shards: bounds the converter's memory
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, **({"F8_E4M3": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {}),
+    **({"F8_E5M2": torch.float8_e5m2} if hasattr(torch, "float8_e5m2") else {}),
+}
+
+
 class TensorIndex:
-    """Lazy access to every tensor of a model directory's safetensors shards."""
+    """Lazy access to every tensor of a model directory's safetensors shards.
+
+    Reads each tensor with a plain seek + read instead of mapping the shard: a mapped shard's touched
+    pages stay in this process's resident set, so converting would look (and be accounted) as big as
+    the checkpoint. This way resident memory holds one expert at a time."""
 
     def __init__(self, model_dir: Path):
-        from safetensors import safe_open
-
-        self._handles, self.where = [], {}
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        self.where: dict[str, tuple[Path, int, str, list[int], int]] = {}
         for path in files:
-            h = safe_open(str(path), framework="pt")
-            self._handles.append(h)
-            for name in h.keys():  # noqa: SIM118 (not a Mapping)
-                self.where[name] = h
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if n <= 0 or 8 + n > size:
+                    raise ValueError(f"{path} is not a valid safetensors file (header length {n}, file {size} bytes)")
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError as exc:
+                    raise ValueError(f"{path}: unreadable safetensors header: {exc}") from exc
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                start, end = info["data_offsets"]
+                if 8 + n + end > size:
+                    raise ValueError(f"{path} is truncated: tensor {name} ends at byte {8 + n + end}, file has {size}")
+                if info["dtype"] not in _ST_DTYPES:
+                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+                self.where[name] = (path, 8 + n + start, info["dtype"], info["shape"], end - start)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
     def get(self, name: str) -> torch.Tensor:
-        return self.where[name].get_tensor(name)
+        path, offset, dtype, shape, nbytes = self.where[name]
+        buf = bytearray(nbytes)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf) != nbytes:
+                raise ValueError(f"{path}: short read for tensor {name}")
+        if not nbytes:
+            return torch.empty(shape, dtype=_ST_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[dtype]).reshape(shape)
 
     def get_float(self, name: str, block: tuple[int, int]) -> torch.Tensor:
         """fp32 values; FP8 weights are multiplied by their `weight_scale_inv` blocks."""
@@ -198,7 +231,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
             "pack_bytes": (tmp / PACK_NAME).stat().st_size,
             "expert_rel_error": {str(k): (v[0] / v[1]) ** 0.5 if v[1] else 0.0 for k, v in sq_err.items()},
             "seconds": round(time.perf_counter() - t0, 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # VmHWM
             "fp8_dequantized": dropped_fp8,
         }
         (tmp / "kt_sft_convert.json").write_text(json.dumps(report, indent=1) + "\n")
