@@ -88,8 +88,13 @@ static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t
     }
 }
 
-/* c[MR][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load) */
-static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P, float c[MR][NR], int load) {
+/* c[MR][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load).
+ * Step k's two panel vectors come from the panel P, or, when P is NULL, straight from row k of the
+ * packed matrix at columns [c0, c0+16) (dequantized in registers: the transposed product with few
+ * tokens, where building a panel does not pay). Always inlined, so each caller gets its own loop. */
+static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const float *const a[MR], const float *P,
+                                                              const kt_matrix_layout *L, const uint8_t *w,
+                                                              int64_t c0, float c[MR][NR], int load) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (load) {
         c00 = _mm256_loadu_ps(c[0]); c01 = _mm256_loadu_ps(c[0] + 8);
@@ -103,7 +108,8 @@ static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P,
     }
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < Kc; k++) {
-        const __m256 p0 = _mm256_load_ps(P + k * NR), p1 = _mm256_load_ps(P + k * NR + 8);
+        const __m256 p0 = P ? _mm256_load_ps(P + k * NR) : load8(L, w, k, c0);
+        const __m256 p1 = P ? _mm256_load_ps(P + k * NR + 8) : load8(L, w, k, c0 + 8);
         __m256 b;
         b = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
         b = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
@@ -120,29 +126,13 @@ static inline void ukernel(int64_t Kc, const float *const a[MR], const float *P,
     _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
 }
 
-/* The same 6 x 16 tile for the transposed product with few tokens: the two panel vectors of step n
- * are row n's columns [c0, c0+16), dequantized straight from the packed matrix (no panel). */
-static inline void ukernel_direct(int64_t N, const float *const a[MR], const kt_matrix_layout *L, const uint8_t *w,
-                                  int64_t c0, float c[MR][NR]) {
-    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-    const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
-    for (int64_t n = 0; n < N; n++) {
-        const __m256 p0 = load8(L, w, n, c0), p1 = load8(L, w, n, c0 + 8);
-        __m256 b;
-        b = _mm256_broadcast_ss(a0 + n); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
-        b = _mm256_broadcast_ss(a1 + n); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
-        b = _mm256_broadcast_ss(a2 + n); c20 = _mm256_fmadd_ps(b, p0, c20); c21 = _mm256_fmadd_ps(b, p1, c21);
-        b = _mm256_broadcast_ss(a3 + n); c30 = _mm256_fmadd_ps(b, p0, c30); c31 = _mm256_fmadd_ps(b, p1, c31);
-        b = _mm256_broadcast_ss(a4 + n); c40 = _mm256_fmadd_ps(b, p0, c40); c41 = _mm256_fmadd_ps(b, p1, c41);
-        b = _mm256_broadcast_ss(a5 + n); c50 = _mm256_fmadd_ps(b, p0, c50); c51 = _mm256_fmadd_ps(b, p1, c51);
-    }
-    _mm256_storeu_ps(c[0], c00); _mm256_storeu_ps(c[0] + 8, c01);
-    _mm256_storeu_ps(c[1], c10); _mm256_storeu_ps(c[1] + 8, c11);
-    _mm256_storeu_ps(c[2], c20); _mm256_storeu_ps(c[2] + 8, c21);
-    _mm256_storeu_ps(c[3], c30); _mm256_storeu_ps(c[3] + 8, c31);
-    _mm256_storeu_ps(c[4], c40); _mm256_storeu_ps(c[4] + 8, c41);
-    _mm256_storeu_ps(c[5], c50); _mm256_storeu_ps(c[5] + 8, c51);
+static void ukernel(int64_t Kc, const float *const a[MR], const float *P, float c[MR][NR], int load) {
+    ukernel_any(Kc, a, P, NULL, NULL, 0, c, load);
+}
+
+static void ukernel_direct(int64_t N, const float *const a[MR], const kt_matrix_layout *L, const uint8_t *w,
+                           int64_t c0, float c[MR][NR]) {
+    ukernel_any(N, a, NULL, L, w, c0, c, 0);
 }
 
 /* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
