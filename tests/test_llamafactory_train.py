@@ -20,10 +20,10 @@ CLI = shutil.which("llamafactory-cli", path=str(Path(sys.executable).parent))
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed next to this Python")
 
+ARCHS = ("qwen3_moe", "deepseek_v2", "deepseek_v3", "qwen2_moe", "mixtral", "olmoe")
 # CI: every architecture in bf16, plus one architecture in each other format; the rest are `slow`.
-CI_CASES = [("qwen3_moe", "bf16"), ("deepseek_v2", "bf16"), ("deepseek_v3", "bf16"),
-            ("qwen3_moe", "int8"), ("deepseek_v3", "int4")]
-ALL_CASES = [(a, f) for a in ("qwen3_moe", "deepseek_v2", "deepseek_v3") for f in ("bf16", "int8", "int4")]
+CI_CASES = [(a, "bf16") for a in ARCHS] + [("qwen3_moe", "int8"), ("deepseek_v3", "int4")]
+ALL_CASES = [(a, f) for a in ARCHS for f in ("bf16", "int8", "int4")]
 SLOW_CASES = [c for c in ALL_CASES if c not in CI_CASES]
 # Per-step train loss, kt_sft vs plain LLaMA-Factory on the original fp32 checkpoint (20 steps).
 PARITY_MAX_DIFF = {"bf16": 0.02, "int8": 0.01, "int4": 0.02}  # measured: 1e-4, 1e-4, 1.3e-3
@@ -32,7 +32,7 @@ PARITY_MAX_DIFF = {"bf16": 0.02, "int8": 0.01, "int4": 0.02}  # measured: 1e-4, 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("lf")
-    build_fixtures(root / "fx", archs=["qwen3_moe", "deepseek_v2", "deepseek_v3"], log=None)
+    build_fixtures(root / "fx", archs=list(ARCHS), log=None)
     return root
 
 
@@ -86,7 +86,7 @@ def parity(work, arch, fmt, tmp_path):
     return worst
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_parity_with_plain_llamafactory_bf16(work, arch, tmp_path):
     parity(work, arch, "bf16", tmp_path)
 
