@@ -186,3 +186,25 @@ def test_settings_block_and_environment(fixtures, tmp_path, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(kt, trust_remote_code=True)
     experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
     assert all(m.compute_mode.value == "int8" and m.recompute_cache is None for m in experts)
+
+
+def test_already_fused_checkpoint_converts_like_per_expert(fixtures, tmp_path):
+    """Checkpoints that store the fused in-memory tensors (experts.gate_up_proj / down_proj) give the
+    same pack as the hub's per-expert layout."""
+    src = fixtures / "models" / "qwen3_moe"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (fused / f.name).write_bytes(f.read_bytes())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    save_file(state, fused / "model.safetensors")
+    convert(src, tmp_path / "a", "int4", progress=False)
+    convert(fused, tmp_path / "b", "int4", progress=False)
+    a, b = PackFile(tmp_path / "a" / "experts.ktpack"), PackFile(tmp_path / "b" / "experts.ktpack")
+    assert a.layers == b.layers
+    for layer in a.layers:
+        assert torch.equal(a.layer(layer).gate_up, b.layer(layer).gate_up)
+        assert torch.equal(a.layer(layer).down, b.layer(layer).down)
