@@ -9,24 +9,24 @@ from kt_sft import recompute_cache
 from kt_sft.formats import ComputeMode
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
+def _to_host(t: torch.Tensor, pin: bool = True) -> torch.Tensor:
     """CPU tensors pass through; CUDA tensors land in a pinned host buffer (async copy, then a wait on
     the current stream only, not the whole device)."""
     if t.device.type == "cpu":
         return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
     host.copy_(t, non_blocking=True)
     torch.cuda.current_stream(t.device).synchronize()
     return host
 
 
-def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
     if device.type == "cpu":
         return t.to(dtype)
     host = t.to(dtype)
-    if not host.is_pinned():
+    if pin and not host.is_pinned():
         host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    return host.to(device, non_blocking=pin)
 
 
 class CPUExpertsFunction(torch.autograd.Function):
@@ -38,9 +38,9 @@ class CPUExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode,
-                cache: "recompute_cache.RecomputeCache | None" = None, phase: str = "plain"):
+                cache: "recompute_cache.RecomputeCache | None" = None, phase: str = "plain", pin: bool = True):
         device, x_dtype, w_dtype = x.device, x.dtype, top_k_weights.dtype
-        x_h, idx_h, w_h = _to_host(x), _to_host(top_k_index), _to_host(top_k_weights)
+        x_h, idx_h, w_h = (_to_host(t, pin) for t in (x, top_k_index, top_k_weights))
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         # (phase is decided by the caller: inside forward() grad mode is always off)
         key = recompute_cache.key_of(x_h, idx_h, w_h) if phase != "plain" else None
@@ -52,24 +52,24 @@ class CPUExpertsFunction(torch.autograd.Function):
         if phase == "first":
             cache.put(key, y, gu)
         ctx.packed, ctx.mode = packed, mode
-        ctx.device, ctx.x_dtype, ctx.w_dtype = device, x_dtype, w_dtype
+        ctx.device, ctx.x_dtype, ctx.w_dtype, ctx.pin = device, x_dtype, w_dtype, pin
         if need_grad:
             ctx.save_for_backward(idx_h, w_h, gu)
-        return _to_device(y, device, x_dtype)
+        return _to_device(y, device, x_dtype, pin)
 
     @staticmethod
     def backward(ctx, dy):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         idx_h, w_h, gu = ctx.saved_tensors
-        dx, dw = Fn.moe_backward(ctx.packed, _to_host(dy.contiguous()), idx_h, w_h, gu, ctx.mode)
-        dx = _to_device(dx, ctx.device, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dw = _to_device(dw, ctx.device, ctx.w_dtype) if ctx.needs_input_grad[2] else None
-        return dx, None, dw, None, None, None, None
+        dx, dw = Fn.moe_backward(ctx.packed, _to_host(dy.contiguous(), ctx.pin), idx_h, w_h, gu, ctx.mode)
+        dx = _to_device(dx, ctx.device, ctx.x_dtype, ctx.pin) if ctx.needs_input_grad[0] else None
+        dw = _to_device(dw, ctx.device, ctx.w_dtype, ctx.pin) if ctx.needs_input_grad[2] else None
+        return dx, None, dw, None, None, None, None, None
 
 
 def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode,
-                cache: "recompute_cache.RecomputeCache | None" = None):
+                cache: "recompute_cache.RecomputeCache | None" = None, pin_memory: bool = True):
     """Validates, then runs CPUExpertsFunction (with `cache`, checkpoint recomputation reuses the
     first pass's results; see kt_sft/recompute_cache.py)."""
     devices = {t.device for t in (x, top_k_index, top_k_weights) if isinstance(t, torch.Tensor)}
@@ -80,4 +80,4 @@ def cpu_experts(x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: C
         raise ValueError(f"inputs must be on cpu or cuda, got {device}")
     Fn.validate_routing(packed, x, top_k_index, top_k_weights)
     phase = recompute_cache.phase() if cache is not None else "plain"
-    return CPUExpertsFunction.apply(x, top_k_index, top_k_weights, packed, mode, cache, phase)
+    return CPUExpertsFunction.apply(x, top_k_index, top_k_weights, packed, mode, cache, phase, pin_memory)

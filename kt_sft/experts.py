@@ -31,6 +31,7 @@ class CPUExperts(nn.Module):
         self._packed = packed
         self._source = source
         self.recompute_cache: RecomputeCache | None = RecomputeCache()  # None: checkpointing recomputes
+        self.pin_memory = True  # stage CUDA activations through pinned host buffers
         self.compute_mode = None if compute_mode is None else ComputeMode.parse(compute_mode)
         e, h, i = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim) if packed else source[2]
         self.num_experts, self.hidden_dim, self.intermediate_dim = e, h, i
@@ -71,7 +72,7 @@ class CPUExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         mode = self.compute_mode or default_compute_mode(self.format, getattr(hidden_states, "dtype", None))
         cache = self.recompute_cache if self.training else None
-        return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache)
+        return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache, self.pin_memory)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up_proj, down_proj) in fp32 as the kernels see them."""

@@ -159,6 +159,16 @@ def _args(packed: PackedExperts, mode: ComputeMode, idx: torch.Tensor, w: torch.
     return a
 
 
+# int8 mode sums up to K products of |q| <= 127 in int32: 127 * 127 * K < 2^31 needs K <= 131072.
+INT8_MAX_CONTRACTION = 131072
+
+
+def _check_mode(packed: PackedExperts, mode: ComputeMode) -> None:
+    longest = max(packed.hidden_dim, 2 * packed.intermediate_dim)
+    if mode is ComputeMode.INT8 and longest > INT8_MAX_CONTRACTION:
+        raise ValueError(f"compute mode int8 sums {longest} products in int32; at most {INT8_MAX_CONTRACTION} are safe")
+
+
 def _routing_tensors(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     return top_k_index.to(torch.int64).contiguous(), top_k_weights.to(torch.float32).contiguous()
 
@@ -168,6 +178,7 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
     """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
     pre-activations the backward needs. CPU tensors only; validated by validate_routing."""
     engine.verify_kernel_path()
+    _check_mode(packed, mode)
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
     y = torch.empty((t, packed.hidden_dim), dtype=torch.float32)

@@ -81,6 +81,7 @@ def install_cpu_experts(model: nn.Module, config) -> int:
                                    verify=settings.verify)
         if not settings.checkpoint_cache:
             new.recompute_cache = None
+        new.pin_memory = settings.pin_memory
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
         swapped += 1

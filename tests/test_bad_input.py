@@ -121,3 +121,10 @@ def test_engine_settings_validated():
     for path in missing:
         with pytest.raises(ValueError, match="not available here"):
             kt_sft.set_kernel_path(path)
+
+
+def test_int8_mode_refuses_sums_that_could_overflow_int32():
+    ex = CPUExperts.from_tensors(torch.randn(1, 2, 131073), torch.randn(1, 131073, 1), format="int8",
+                                 compute_mode="int8")
+    with pytest.raises(ValueError, match="sums 131073 products in int32; at most 131072 are safe"):
+        ex(torch.randn(1, 131073), torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1))

@@ -183,9 +183,10 @@ def test_settings_block_and_environment(fixtures, tmp_path, monkeypatch):
     convert(fixtures / "models" / "qwen3_moe", kt, "int8", progress=False)
     monkeypatch.setenv("KT_SFT_COMPUTE_MODE", "int8")
     monkeypatch.setenv("KT_SFT_CHECKPOINT_CACHE", "false")
+    monkeypatch.setenv("KT_SFT_PIN_MEMORY", "0")
     model = AutoModelForCausalLM.from_pretrained(kt, trust_remote_code=True)
     experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
-    assert all(m.compute_mode.value == "int8" and m.recompute_cache is None for m in experts)
+    assert all(m.compute_mode.value == "int8" and m.recompute_cache is None and not m.pin_memory for m in experts)
 
 
 def test_already_fused_checkpoint_converts_like_per_expert(fixtures, tmp_path):

@@ -1,0 +1,137 @@
+"""QLoRA with CPU experts, and the trained adapter in `llamafactory-cli chat`, all through the real CLI.
+
+One QLoRA run (`quantization_bit=4`: bitsandbytes nf4 for the non-expert nn.Linear layers, kt_sft's int8
+pack for the routed experts) trains a tiny converted Qwen3-MoE; the chat tests reuse its adapter.
+Each CLI run is a fresh process (~10-15 s, mostly start-up).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kt_sft.convert import convert
+from kt_sft.fixtures import build_fixtures
+
+ROOT = Path(__file__).resolve().parents[1]
+QLORA_YAML = ROOT / "yaml_configs" / "tiny_qwen3_moe_kt_qlora.yaml"
+CHAT_YAML = ROOT / "yaml_configs" / "tiny_qwen3_moe_kt_chat.yaml"
+CLI = shutil.which("llamafactory-cli", path=str(Path(sys.executable).parent))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KT_SFT_NUM_THREADS": "2"}
+QUANTIZED_MESSAGE = "Quantizing model to 4 bit with bitsandbytes."  # LLaMA-Factory's log line
+
+pytestmark = pytest.mark.skipif(CLI is None, reason="llamafactory-cli is not installed next to this Python")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qlora")
+    build_fixtures(root / "fx", archs=["qwen3_moe", "deepseek_v2"], log=None)
+    for arch in ("qwen3_moe", "deepseek_v2"):
+        convert(root / "fx" / "models" / arch, root / "kt" / f"{arch}-int8", "int8", progress=False)
+    return root
+
+
+def _train_args(work: Path, out: Path, arch: str = "qwen3_moe") -> dict:
+    return {"model_name_or_path": work / "kt" / f"{arch}-int8", "dataset_dir": work / "fx" / "data",
+            "output_dir": out, "max_steps": 30, "eval_steps": 30, "plot_loss": "false"}
+
+
+@pytest.fixture(scope="module")
+def qlora_run(work):
+    """The QLoRA recipe for 30 steps; returns (output_dir, completed process, wall seconds)."""
+    out = work / "qlora"
+    cmd = [CLI, "train", str(QLORA_YAML)] + [f"{k}={v}" for k, v in _train_args(work, out).items()]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return out, proc, time.perf_counter() - t0
+
+
+def test_qlora_train_learns_and_saves_adapter(qlora_run):
+    out, proc, seconds = qlora_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert QUANTIZED_MESSAGE in proc.stdout + proc.stderr
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [e["eval_loss"] for e in log if "eval_loss" in e]
+    assert len(evals) == 2, log
+    print(f"[qlora] qwen3_moe/int8 + nf4 Linears: eval loss {evals[0]:.3f} -> {evals[1]:.3f} in {seconds:.1f} s")
+    assert evals[1] <= 0.7 * evals[0], f"eval loss {evals[0]:.3f} -> {evals[1]:.3f} (< 30% drop)"
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+
+
+def _load_like_llamafactory(work: Path, arch: str, tmp_path: Path):
+    """The model exactly as `llamafactory-cli train` builds it for the QLoRA YAML (tokenizer, bnb, LoRA)."""
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_model, load_tokenizer
+
+    args = {**yaml.safe_load(QLORA_YAML.read_text()), **_train_args(work, tmp_path / "out", arch)}
+    args = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
+    args["plot_loss"] = False
+    model_args, _, training_args, finetuning_args, _ = get_train_args(args)
+    tokenizer = load_tokenizer(model_args)["tokenizer"]
+    return load_model(tokenizer, model_args, finetuning_args, is_trainable=training_args.do_train), tokenizer
+
+
+def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
+    import bitsandbytes as bnb
+
+    from kt_sft.experts import CPUExperts
+
+    model, _ = _load_like_llamafactory(work, "qwen3_moe", tmp_path)
+    lora_wrapped = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    # Qwen3-MoE in transformers 5.6: q/k/v/o_proj are the only nn.Linear below lm_head (2 layers x 4)
+    assert len(lora_wrapped) == 8, sorted(lora_wrapped)
+    for name, m in lora_wrapped.items():
+        assert isinstance(m.base_layer, bnb.nn.Linear4bit), f"{name} is {type(m.base_layer).__name__}"
+        weight = m.base_layer.weight
+        assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None, name
+        assert weight.quant_state.quant_type == "nf4", name
+        assert weight.numel() * weight.element_size() * 2 == m.in_features * m.out_features, name  # 4 bits each
+    experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
+    assert len(experts) == 2  # the routed experts stay kt_sft's, untouched by bitsandbytes
+    lm_head = model.get_output_embeddings()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in lm_head.modules())  # kept in full precision
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in trainable) and not any("base_layer" in n for n in trainable)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="DeepseekV2Moe.forward reads self.gate.weight directly (F.linear), so bitsandbytes' 4-bit "
+                          "router breaks it; needs the router kept out of quantization (kt_sft/loading.py)")
+def test_qlora_deepseek_v2_forward(work, tmp_path):
+    import torch
+
+    model, _ = _load_like_llamafactory(work, "deepseek_v2", tmp_path)
+    ids = torch.randint(3, 1000, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def _chat(overrides: dict, prompts: list[str]) -> subprocess.CompletedProcess:
+    cmd = [CLI, "chat", str(CHAT_YAML)] + [f"{k}={v}" for k, v in overrides.items()]
+    stdin = "".join(p + "\n" for p in prompts) + "exit\n"
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, input=stdin, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("quantization_bit", [None, 4], ids=["full-base", "4bit-base"])
+def test_chat_answers_with_the_adapter(work, qlora_run, quantization_bit):
+    out, train_proc, _ = qlora_run
+    assert train_proc.returncode == 0, "the QLoRA run failed; see test_qlora_train_learns_and_saves_adapter"
+    overrides = {"model_name_or_path": work / "kt" / "qwen3_moe-int8", "adapter_name_or_path": out}
+    if quantization_bit:
+        overrides["quantization_bit"] = quantization_bit
+    question = "How many words are there? jade jar pot eel map"
+    t0 = time.perf_counter()
+    proc = _chat(overrides, [question])
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"Loaded adapter(s): {out}" in proc.stdout + proc.stderr  # LLaMA-Factory applied our adapter
+    replies = re.findall(r"Assistant: (.*)", proc.stdout)
+    print(f"[chat] {quantization_bit or 'full'}-bit base: {question!r} -> {replies!r} in {seconds:.1f} s")
+    assert len(replies) == 1 and replies[0].strip(), proc.stdout[-2000:]
