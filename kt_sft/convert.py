@@ -211,17 +211,22 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
         elif shards:
             (tmp / shards[0]).rename(tmp / "model.safetensors")
 
-        for f in src.iterdir():
+        for f in src.iterdir():  # tokenizer, chat template, generation config, tokenizer code (Kimi)
             if f.is_file() and f.name != "config.json" and not f.name.endswith(_WEIGHT_FILES) \
-                    and f.name != "model.safetensors.index.json" and f.suffix != ".py":
+                    and f.name != "model.safetensors.index.json" \
+                    and not (f.suffix == ".py" and f.name.startswith(("modeling_", "configuration_"))):
                 shutil.copy2(f, tmp / f.name)
         kt = settings or KtSettings(format=fmt.value)
         kt.format = fmt.value
         new_config = dict(config)
+        if config.get("model_type") != arch.model_type:  # an alias (Kimi-K2 is DeepSeek-V3)
+            new_config["model_type"] = arch.model_type
         if dropped_fp8:
             new_config.pop("quantization_config", None)
         new_config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.KtSftForCausalLM"}
         new_config["kt_sft"] = {**kt.to_config(), "arch": arch.model_type}
+        if config.get("model_type") != arch.model_type:
+            new_config["kt_sft"]["source_model_type"] = config.get("model_type")
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         (tmp / MODELING_FILE).write_text(modeling_source(arch.model_type))
 

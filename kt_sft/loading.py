@@ -102,13 +102,16 @@ def kt_causal_lm_class(model_type: str) -> type:
 
     if model_type not in ARCHS:
         raise ValueError(f"kt_sft does not support model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))}")
-    base = getattr(transformers, ARCHS[model_type].causal_lm_class)
+    arch = ARCHS[model_type]
+    base = getattr(transformers, arch.causal_lm_class)
 
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         install_cpu_experts(self, config)
 
-    cls = type("KtSftForCausalLM", (base,), {"__init__": __init__, "__doc__": base.__doc__,
-                                             "__module__": base.__module__})
+    attrs = {"__init__": __init__, "__doc__": base.__doc__, "__module__": base.__module__}
+    if arch.keep_unquantized:  # bitsandbytes (QLoRA) skips these modules; they stay in fp32
+        attrs["_keep_in_fp32_modules"] = list(getattr(base, "_keep_in_fp32_modules", None) or []) + list(arch.keep_unquantized)
+    cls = type("KtSftForCausalLM", (base,), attrs)
     _CLASSES[model_type] = cls
     return cls

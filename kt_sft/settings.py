@@ -44,7 +44,7 @@ class KtSettings:
     def from_config(cls, block: dict | None, environ: dict | None = None) -> "KtSettings":
         block = dict(block or {})
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(block) - known - {"version", "arch"}
+        unknown = set(block) - known - {"version", "arch", "source_model_type"}
         if unknown:
             raise ValueError(f"unknown keys in config.json's kt_sft block: {sorted(unknown)}; known: {sorted(known)}")
         env = os.environ if environ is None else environ

@@ -209,3 +209,26 @@ def test_already_fused_checkpoint_converts_like_per_expert(fixtures, tmp_path):
     for layer in a.layers:
         assert torch.equal(a.layer(layer).gate_up, b.layer(layer).gate_up)
         assert torch.equal(a.layer(layer).down, b.layer(layer).down)
+
+
+def test_kimi_k2_converts_as_deepseek_v3(fixtures, tmp_path):
+    """Kimi-K2 ships model_type "kimi_k2" (unknown to transformers 5.6) with DeepSeek-V3's layout and
+    its own tokenizer code: converted as deepseek_v3, tokenizer .py carried over, modeling code not."""
+    src = fixtures / "models" / "deepseek_v3"
+    kimi = tmp_path / "kimi"
+    kimi.mkdir()
+    for f in src.iterdir():
+        (kimi / f.name).write_bytes(f.read_bytes())
+    config = json.loads((src / "config.json").read_text())
+    config["model_type"] = "kimi_k2"
+    (kimi / "config.json").write_text(json.dumps(config))
+    (kimi / "tokenization_kimi.py").write_text("# tokenizer code\n")
+    (kimi / "modeling_deepseek.py").write_text("# original remote modeling code\n")
+    convert(kimi, tmp_path / "kt", "int4", progress=False)
+    out = json.loads((tmp_path / "kt" / "config.json").read_text())
+    assert out["model_type"] == "deepseek_v3" and out["kt_sft"]["source_model_type"] == "kimi_k2"
+    assert (tmp_path / "kt" / "tokenization_kimi.py").exists()
+    assert not (tmp_path / "kt" / "modeling_deepseek.py").exists()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "kt", trust_remote_code=True)
+    assert type(model).__mro__[1].__name__ == "DeepseekV3ForCausalLM"
+    model(torch.tensor([[1, 2, 3]]))

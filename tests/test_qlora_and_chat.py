@@ -50,7 +50,7 @@ def qlora_run(work):
     out = work / "qlora"
     cmd = [CLI, "train", str(QLORA_YAML)] + [f"{k}={v}" for k, v in _train_args(work, out).items()]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
     return out, proc, time.perf_counter() - t0
 
 
@@ -61,22 +61,28 @@ def test_qlora_train_learns_and_saves_adapter(qlora_run):
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evals = [e["eval_loss"] for e in log if "eval_loss" in e]
     assert len(evals) == 2, log
-    print(f"[qlora] qwen3_moe/int8 + nf4 Linears: eval loss {evals[0]:.3f} -> {evals[1]:.3f} in {seconds:.1f} s")
+    print(f"[qlora] qwen3_moe int8 + nf4: eval loss {evals[0]:.3f} -> {evals[1]:.3f} in {seconds:.0f}s")
     assert evals[1] <= 0.7 * evals[0], f"eval loss {evals[0]:.3f} -> {evals[1]:.3f} (< 30% drop)"
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
 
 
 def _load_like_llamafactory(work: Path, arch: str, tmp_path: Path):
     """The model exactly as `llamafactory-cli train` builds it for the QLoRA YAML (tokenizer, bnb, LoRA)."""
+    import transformers
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
 
     args = {**yaml.safe_load(QLORA_YAML.read_text()), **_train_args(work, tmp_path / "out", arch)}
     args = {k: str(v) if isinstance(v, Path) else v for k, v in args.items()}
     args["plot_loss"] = False
-    model_args, _, training_args, finetuning_args, _ = get_train_args(args)
-    tokenizer = load_tokenizer(model_args)["tokenizer"]
-    return load_model(tokenizer, model_args, finetuning_args, is_trainable=training_args.do_train), tokenizer
+    verbosity = transformers.utils.logging.get_verbosity()
+    try:
+        model_args, _, training_args, finetuning_args, _ = get_train_args(args)
+        tokenizer = load_tokenizer(model_args)["tokenizer"]
+        model = load_model(tokenizer, model_args, finetuning_args, is_trainable=training_args.do_train)
+    finally:  # get_train_args turns transformers' logging to INFO for the whole process
+        transformers.utils.logging.set_verbosity(verbosity)
+    return model
 
 
 def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
@@ -84,8 +90,9 @@ def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
 
     from kt_sft.experts import CPUExperts
 
-    model, _ = _load_like_llamafactory(work, "qwen3_moe", tmp_path)
-    lora_wrapped = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    model = _load_like_llamafactory(work, "qwen3_moe", tmp_path)
+    lora_wrapped = {n: m for n, m in model.named_modules()
+                    if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     # Qwen3-MoE in transformers 5.6: q/k/v/o_proj are the only nn.Linear below lm_head (2 layers x 4)
     assert len(lora_wrapped) == 8, sorted(lora_wrapped)
     for name, m in lora_wrapped.items():
@@ -93,7 +100,8 @@ def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
         weight = m.base_layer.weight
         assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None, name
         assert weight.quant_state.quant_type == "nf4", name
-        assert weight.numel() * weight.element_size() * 2 == m.in_features * m.out_features, name  # 4 bits each
+        packed_bytes = weight.numel() * weight.element_size()
+        assert packed_bytes * 2 == m.in_features * m.out_features, name  # 4 bits per weight
     experts = [m for m in model.modules() if isinstance(m, CPUExperts)]
     assert len(experts) == 2  # the routed experts stay kt_sft's, untouched by bitsandbytes
     lm_head = model.get_output_embeddings()
@@ -102,21 +110,27 @@ def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
     assert any("lora_A" in n for n in trainable) and not any("base_layer" in n for n in trainable)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="DeepseekV2Moe.forward reads self.gate.weight directly (F.linear), so bitsandbytes' 4-bit "
-                          "router breaks it; needs the router kept out of quantization (kt_sft/loading.py)")
-def test_qlora_deepseek_v2_forward(work, tmp_path):
+def test_qlora_deepseek_v2_router_stays_unquantized(work, tmp_path):
+    """DeepseekV2Moe.forward reads self.gate.weight directly (F.linear), so a bitsandbytes 4-bit router
+    breaks it (plain LLaMA-Factory fails the same way); kt_sft's class keeps the router out of
+    quantization (`_keep_in_fp32_modules`), and the rest is still 4-bit."""
+    import bitsandbytes as bnb
     import torch
 
-    model, _ = _load_like_llamafactory(work, "deepseek_v2", tmp_path)
+    model = _load_like_llamafactory(work, "deepseek_v2", tmp_path)
+    routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    assert routers and not any(isinstance(m, bnb.nn.Linear4bit) for m in routers)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     ids = torch.randint(3, 1000, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()
 
 
 def _chat(overrides: dict, prompts: list[str]) -> subprocess.CompletedProcess:
+    """One `llamafactory-cli chat` session; `clear` after each prompt keeps every question single-turn."""
     cmd = [CLI, "chat", str(CHAT_YAML)] + [f"{k}={v}" for k, v in overrides.items()]
-    stdin = "".join(p + "\n" for p in prompts) + "exit\n"
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, input=stdin, capture_output=True, text=True, timeout=600)
+    stdin = "".join(f"{p}\nclear\n" for p in prompts) + "exit\n"
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, input=stdin, capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
 @pytest.mark.parametrize("quantization_bit", [None, 4], ids=["full-base", "4bit-base"])
@@ -126,12 +140,18 @@ def test_chat_answers_with_the_adapter(work, qlora_run, quantization_bit):
     overrides = {"model_name_or_path": work / "kt" / "qwen3_moe-int8", "adapter_name_or_path": out}
     if quantization_bit:
         overrides["quantization_bit"] = quantization_bit
-    question = "How many words are there? jade jar pot eel map"
+    # Held-out questions, one line each. After 30 steps the model's next-token distribution is still
+    # flat (top-1 p ~ 0.02) and greedy decoding ends some answers at once with <|im_end|> (an empty
+    # reply), so ask several and require each turn to be answered and at least one reply to have text.
+    held_out = json.loads((work / "fx" / "data" / "tiny_tasks_eval.json").read_text())[:6]
+    prompts = [f"{ex['instruction']} {ex['input']}" for ex in held_out]
     t0 = time.perf_counter()
-    proc = _chat(overrides, [question])
+    proc = _chat(overrides, prompts)
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Loaded adapter(s): {out}" in proc.stdout + proc.stderr  # LLaMA-Factory applied our adapter
     replies = re.findall(r"Assistant: (.*)", proc.stdout)
-    print(f"[chat] {quantization_bit or 'full'}-bit base: {question!r} -> {replies!r} in {seconds:.1f} s")
-    assert len(replies) == 1 and replies[0].strip(), proc.stdout[-2000:]
+    print(f"[chat] {'4-bit' if quantization_bit else 'full-precision'} base, {seconds:.1f} s: "
+          + "; ".join(f"{q!r} -> {r!r}" for q, r in zip(prompts, replies)))
+    assert len(replies) == len(prompts), proc.stdout[-2000:]
+    assert any(r.strip() for r in replies), f"every reply was empty: {proc.stdout[-2000:]}"

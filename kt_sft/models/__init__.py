@@ -20,6 +20,7 @@ class MoEArch:
     experts_key: tuple[str, ...]         # config keys that may hold the number of routed experts
     inter_key: str                       # config key: one expert's intermediate size
     notes: str = ""
+    keep_unquantized: tuple[str, ...] = ()  # modules QLoRA must not quantize (upstream reads their .weight)
 
     def num_experts(self, config: dict) -> int:
         for key in self.experts_key:
@@ -46,7 +47,8 @@ ARCHS: dict[str, MoEArch] = {a.model_type: a for a in (
     MoEArch("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", _STD, ("num_experts", "num_local_experts"), "moe_intermediate_size",
             "Qwen3-30B-A3B, Qwen3-235B-A22B; layers in mlp_only_layers stay dense"),
     MoEArch("deepseek_v2", "DeepseekV2ForCausalLM", "mlp", _STD, ("n_routed_experts",), "moe_intermediate_size",
-            "DeepSeek-V2 / V2-Lite: first_k_dense_replace dense layers, shared experts stay on the GPU"),
+            "DeepSeek-V2 / V2-Lite: first_k_dense_replace dense layers, shared experts stay on the GPU",
+            keep_unquantized=("mlp.gate",)),  # DeepseekV2Moe reads gate.weight directly
     MoEArch("deepseek_v3", "DeepseekV3ForCausalLM", "mlp", _STD, ("n_routed_experts",), "moe_intermediate_size",
             "DeepSeek-V3/R1, Kimi-K2: grouped top-k with score-correction bias; FP8 block-scaled on disk"),
     MoEArch("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", _STD, ("num_experts", "num_local_experts"), "moe_intermediate_size",
@@ -57,12 +59,18 @@ ARCHS: dict[str, MoEArch] = {a.model_type: a for a in (
 )}
 
 
+# model_types that ship under their own name but are another family's architecture; the converted
+# config.json is rewritten to the family's model_type so upstream transformers can build it.
+ALIASES = {"kimi_k2": "deepseek_v3"}  # Kimi-K2: DeepSeek-V3 architecture (DeepseekV3ForCausalLM)
+
+
 def arch_for(config: dict) -> MoEArch:
     """The adapter for a config.json dict; an unsupported model gets an error listing the supported ones."""
     model_type = config.get("model_type")
+    model_type = ALIASES.get(model_type, model_type)
     if model_type in ARCHS:
         return ARCHS[model_type]
     raise ValueError(
-        f"kt_sft does not support model_type {model_type!r}; supported: {', '.join(sorted(ARCHS))}. "
+        f"kt_sft does not support model_type {model_type!r}; supported: {', '.join(sorted([*ARCHS, *ALIASES]))}. "
         "Adding a family is one entry in kt_sft/models/__init__.py (docs/adding_a_model.md)."
     )
