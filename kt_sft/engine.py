@@ -60,12 +60,17 @@ _apply_env()
 
 
 _VERIFIED: set[int] = set()
-SELF_CHECK_REL_ERR = 1e-4  # fp32 mode: only summation order differs between paths
+# Same inputs and mode: only the summation order differs between paths. In the bf16 and int8 modes
+# that order can flip a rounding of h or of the gradients (one bf16 ulp, one int8 quantum), which
+# the later products carry; measured on avx2 vs scalar: f32 3.4e-7, bf16 1.5e-4, int8 2.2e-7.
+# A real kernel bug (indexing, a missed tail) is an O(1) error.
+SELF_CHECK_REL_ERR = {"f32": 1e-4, "bf16": 2e-3, "int8": 2e-3}
 
 
 def verify_kernel_path() -> None:
     """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
-    on a small random layer (every format, few and many tokens per expert, forward and backward).
+    on a small random layer (every format and compute mode, few and many tokens per expert, forward
+    and backward).
     A path that does not, on this CPU, is dropped for the scalar one with a warning: a wrong kernel
     costs a clear message and speed, never silently wrong numbers. Runs once per path (~10 ms)."""
     isa = lib.kt_current_isa()
@@ -80,8 +85,10 @@ def verify_kernel_path() -> None:
     from kt_sft.formats import ComputeMode
 
     gen = torch.Generator().manual_seed(0)
-    worst = 0.0
-    for fmt in ("bf16", "int8", "int4"):
+    worst = {}  # mode -> worst relative error
+    cases = [(f, m) for f in ("bf16", "int8", "int4") for m in (ComputeMode.F32, ComputeMode.BF16)]
+    cases += [("int8", ComputeMode.INT8), ("int4", ComputeMode.INT8)]
+    for fmt, mode in cases:
         packed = Fn.pack_experts(torch.randn(4, 2 * 24, 70, generator=gen), torch.randn(4, 70, 24, generator=gen), fmt)
         for t in (5, 61):
             x = torch.randn(t, 70, generator=gen)
@@ -91,18 +98,20 @@ def verify_kernel_path() -> None:
             outs = []
             for path in (isa, KERNEL_PATHS["scalar"]):
                 _native.check(lib.kt_select_isa(path), "kt_select_isa")
-                y, gu = Fn.moe_forward(packed, x, idx, w, ComputeMode.F32)
-                outs.append((y, *Fn.moe_backward(packed, dy, idx, w, gu, ComputeMode.F32)))
+                y, gu = Fn.moe_forward(packed, x, idx, w, mode)
+                outs.append((y, *Fn.moe_backward(packed, dy, idx, w, gu, mode)))
             for fast, ref in zip(*outs):
                 err = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
-                worst = max(worst, err if err == err else float("inf"))
-    if worst <= SELF_CHECK_REL_ERR:
+                worst[mode.value] = max(worst.get(mode.value, 0.0), err if err == err else float("inf"))
+    bad = {m: e for m, e in worst.items() if not e <= SELF_CHECK_REL_ERR[m]}
+    if not bad:
         _native.check(lib.kt_select_isa(isa), "kt_select_isa")
         return
     name = next(n for n, v in KERNEL_PATHS.items() if v == isa)
     warnings.warn(
-        f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error "
-        f"{worst:.3g} > {SELF_CHECK_REL_ERR}); using 'scalar' instead. Please report this with `kt-sft doctor`.",
+        f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error by "
+        f"compute mode {bad}, allowed {SELF_CHECK_REL_ERR}); using 'scalar' instead. Please report this with "
+        "`kt-sft doctor`.",
         RuntimeWarning,
         stacklevel=3,
     )

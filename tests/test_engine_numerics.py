@@ -196,7 +196,7 @@ def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
     assert engine.kernel_path() == best
 
     engine._VERIFIED.discard(engine.KERNEL_PATHS[best])
-    monkeypatch.setattr(engine, "SELF_CHECK_REL_ERR", -1.0)  # any difference now counts as wrong
+    monkeypatch.setattr(engine, "SELF_CHECK_REL_ERR", {"f32": -1.0, "bf16": -1.0, "int8": -1.0})  # any difference is wrong
     with pytest.warns(RuntimeWarning, match="disagrees with the scalar reference"):
         engine.verify_kernel_path()
     assert engine.kernel_path() == "scalar"
