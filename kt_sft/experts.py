@@ -24,15 +24,16 @@ class CPUExperts(nn.Module):
     them in host memory, and state_dict() does not carry them (they come from a conversion)."""
 
     def __init__(self, packed: Fn.PackedExperts | None, compute_mode: str | ComputeMode | None = None,
-                 source: tuple[str, int, tuple[int, int, int]] | None = None):
+                 source: tuple[str, int, tuple[int, int, int]] | None = None, verify: bool = False):
         super().__init__()
         if (packed is None) == (source is None):
             raise ValueError("CPUExperts needs either packed weights or a (pack path, layer, shape) source")
         self._packed = packed
         self._source = source
+        self._verify = verify
         self.recompute_cache: RecomputeCache | None = RecomputeCache()  # None: checkpointing recomputes
         self.pin_memory = True  # stage CUDA activations through pinned host buffers
-        self.compute_mode = None if compute_mode is None else ComputeMode.parse(compute_mode)
+        self.compute_mode = compute_mode
         e, h, i = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim) if packed else source[2]
         self.num_experts, self.hidden_dim, self.intermediate_dim = e, h, i
 
@@ -41,9 +42,16 @@ class CPUExperts(nn.Module):
                   compute_mode: str | ComputeMode | None = None, verify: bool = False) -> "CPUExperts":
         """Experts of `layer` in a pack file, mapped on first use (so building a model on the meta
         device, as from_pretrained does, costs nothing). shape = (E, H, I) the model expects."""
-        module = cls(None, compute_mode, source=(str(path), int(layer), tuple(shape)))
-        module._verify = verify
-        return module
+        return cls(None, compute_mode, source=(str(path), int(layer), tuple(shape)), verify=verify)
+
+    @property
+    def compute_mode(self) -> ComputeMode | None:
+        """f32 / bf16 / int8, or None for the default per input dtype (validated on assignment)."""
+        return self._compute_mode
+
+    @compute_mode.setter
+    def compute_mode(self, value: str | ComputeMode | None) -> None:
+        self._compute_mode = None if value is None else ComputeMode.parse(value)
 
     @property
     def packed(self) -> Fn.PackedExperts:
@@ -51,7 +59,7 @@ class CPUExperts(nn.Module):
             from kt_sft.pack_file import open_pack
 
             path, layer, shape = self._source
-            packed = open_pack(path, getattr(self, "_verify", False)).layer(layer)
+            packed = open_pack(path, self._verify).layer(layer)
             got = (packed.num_experts, packed.hidden_dim, packed.intermediate_dim)
             if got != tuple(shape):
                 raise ValueError(f"{path} layer {layer}: experts are (E, H, I) = {got}, the model expects {tuple(shape)}")
