@@ -41,6 +41,8 @@ class CPUExpertsFunction(torch.autograd.Function):
                 cache: "recompute_cache.RecomputeCache | None" = None, phase: str = "plain", pin: bool = True):
         device, x_dtype, w_dtype = x.device, x.dtype, top_k_weights.dtype
         x_h, idx_h, w_h = (_to_host(t, pin) for t in (x, top_k_index, top_k_weights))
+        if top_k_index.device.type != "cpu":
+            Fn.check_expert_ids(packed, idx_h)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
         # (phase is decided by the caller: inside forward() grad mode is always off)
         key = recompute_cache.key_of(x_h, idx_h, w_h) if phase != "plain" else None

@@ -139,7 +139,12 @@ def validate_routing(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.
         raise ValueError(f"top-k must be in [1, {packed.num_experts}] (the number of experts), got k={k}")
     if t * k >= 2**31:
         raise ValueError(f"T*k = {t * k} routing pairs exceed the engine's int32 limit; split the batch")
-    if t:
+    if top_k_index.device.type == "cpu":  # CUDA ids are checked on their host copy (no extra sync)
+        check_expert_ids(packed, top_k_index)
+
+
+def check_expert_ids(packed: PackedExperts, top_k_index: torch.Tensor) -> None:
+    if top_k_index.numel():
         lo, hi = int(top_k_index.min()), int(top_k_index.max())
         if lo < 0 or hi >= packed.num_experts:
             bad = lo if lo < 0 else hi
