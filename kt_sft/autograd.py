@@ -9,15 +9,21 @@ from kt_sft import recompute_cache
 from kt_sft.formats import ComputeMode
 
 
-def _to_host(t: torch.Tensor, pin: bool = True) -> torch.Tensor:
-    """CPU tensors pass through; CUDA tensors land in a pinned host buffer (async copy, then a wait on
-    the current stream only, not the whole device)."""
-    if t.device.type == "cpu":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
-    host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(t.device).synchronize()
-    return host
+def _to_host(*tensors: torch.Tensor, pin: bool = True) -> list[torch.Tensor]:
+    """CPU tensors pass through; CUDA tensors land in pinned host buffers (async copies, then one wait
+    on the current stream only, not the whole device)."""
+    out, device = [], None
+    for t in tensors:
+        if t.device.type == "cpu":
+            out.append(t)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        host.copy_(t, non_blocking=pin)
+        out.append(host)
+        device = t.device
+    if device is not None:
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool = True) -> torch.Tensor:
@@ -40,7 +46,7 @@ class CPUExpertsFunction(torch.autograd.Function):
     def forward(ctx, x, top_k_index, top_k_weights, packed: Fn.PackedExperts, mode: ComputeMode,
                 cache: "recompute_cache.RecomputeCache | None" = None, phase: str = "plain", pin: bool = True):
         device, x_dtype, w_dtype = x.device, x.dtype, top_k_weights.dtype
-        x_h, idx_h, w_h = (_to_host(t, pin) for t in (x, top_k_index, top_k_weights))
+        x_h, idx_h, w_h = _to_host(x, top_k_index, top_k_weights, pin=pin)
         if top_k_index.device.type != "cpu":
             Fn.check_expert_ids(packed, idx_h)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
@@ -64,7 +70,8 @@ class CPUExpertsFunction(torch.autograd.Function):
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
             return None, None, None, None, None, None, None, None
         idx_h, w_h, gu = ctx.saved_tensors
-        dx, dw = Fn.moe_backward(ctx.packed, _to_host(dy.contiguous(), ctx.pin), idx_h, w_h, gu, ctx.mode)
+        (dy_h,) = _to_host(dy.contiguous(), pin=ctx.pin)
+        dx, dw = Fn.moe_backward(ctx.packed, dy_h, idx_h, w_h, gu, ctx.mode)
         dx = _to_device(dx, ctx.device, ctx.x_dtype, ctx.pin) if ctx.needs_input_grad[0] else None
         dw = _to_device(dw, ctx.device, ctx.w_dtype, ctx.pin) if ctx.needs_input_grad[2] else None
         return dx, None, dw, None, None, None, None, None
