@@ -39,6 +39,8 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         report = convert(args.model, args.out, args.format, force=args.force, progress=not args.quiet)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         parser.error(str(exc))
+    except KeyError as exc:  # a tensor the config promises is not in the shards
+        parser.error(f"the checkpoint lacks tensor {exc}; nothing was written")
     worst = max(report["expert_rel_error"].values())
     print(f"converted {report['arch']} ({len(report['moe_layers'])} MoE layers x {report['num_experts']} experts) "
           f"to {report['format']} in {report['seconds']} s: pack {report['pack_bytes'] / 2**20:.1f} MiB, "

@@ -96,3 +96,22 @@ def test_missing_subcommand_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench"])
     assert exit_info.value.code == 2 and "SUITE" in capsys.readouterr().err
+
+
+def test_convert_cli_reports_a_missing_tensor_cleanly(tmp_path, capsys):
+    """A checkpoint missing an expert tensor: exit 2 with the tensor's name, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    from kt_sft.cli import main
+    from kt_sft.fixtures import build_fixtures
+
+    build_fixtures(tmp_path / "fx", archs=["qwen3_moe"], log=None)
+    src = tmp_path / "fx" / "models" / "qwen3_moe"
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.experts.3.down_proj.weight"]
+    save_file(tensors, src / "model.safetensors")
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "--model", str(src), "--out", str(tmp_path / "out"), "--quiet"])
+    assert exc.value.code == 2
+    assert "lacks tensor 'model.layers.1.mlp.experts.3.down_proj.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
