@@ -12,7 +12,7 @@ from kt_sft.formats import ComputeMode, Format
 from kt_sft.recompute_cache import RecomputeCache
 
 
-def default_compute_mode(fmt: Format, x_dtype: torch.dtype) -> ComputeMode:
+def default_compute_mode(x_dtype: torch.dtype) -> ComputeMode:
     """fp32 inputs keep the exact mode; bf16 inputs use bf16 products."""
     return ComputeMode.F32 if x_dtype == torch.float32 else ComputeMode.BF16
 
@@ -78,7 +78,7 @@ class CPUExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        mode = self.compute_mode or default_compute_mode(self.format, getattr(hidden_states, "dtype", None))
+        mode = self.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None))
         cache = self.recompute_cache if self.training else None
         return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache, self.pin_memory)
 

@@ -86,7 +86,6 @@ void *kt_workspace(size_t bytes);
 typedef struct {
     const kt_matrix_layout *L;
     const uint8_t *w;
-    int act_mode;
     int64_t M;
     const void *const *a_rows;  /* M rows: const float * or const int8_t * */
     const float *a_scale;       /* M scales for int8 rows, else NULL */

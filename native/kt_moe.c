@@ -232,7 +232,7 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
         orows[m] = out + (out_by_token ? t : p) * out_ld + out_off;
         alpha[m] = a->topk_w[p];
     }
-    kt_gemm g = {L, expert_mat(base, L, e), a->act_mode, M, arows, src.act_q8 ? ascale : NULL, orows,
+    kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
                  with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats};
     if (tn) (src.act_q8 ? j->kern->tn_q8 : j->kern->tn)(&g);
     else (src.act_q8 ? j->kern->nt_q8 : j->kern->nt)(&g);
