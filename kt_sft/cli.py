@@ -3,6 +3,8 @@
     kt-sft doctor [--json]           what the engine chose and what this machine offers
     kt-sft convert --model DIR --out DIR --format {bf16,int8,int4} [--force]
                                      a Hugging Face MoE checkpoint -> a kt_sft model directory
+    kt-sft export --model DIR [--adapter DIR] --out DIR [--dtype {bf16,fp16,fp32}] [--force]
+                                     a kt_sft model (+ LoRA adapter) -> one merged Hugging Face checkpoint
     kt-sft verify DIR                check every tensor of a converted model's expert pack
     kt-sft bench kernels [options]   time one experts layer, kt_sft against transformers
 """
@@ -48,6 +50,20 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kt_sft import export
+
+    try:
+        r = export.export(args.model, args.out, args.adapter, args.dtype, force=args.force, progress=not args.quiet)
+    except (FileExistsError, FileNotFoundError, ValueError, export.InsufficientResources) as exc:
+        parser.error(str(exc))
+    lora = ("no adapter" if r["adapter_dir"] is None
+            else "adapter merged, expert LoRA included" if r["expert_lora_merged"] else "adapter merged")
+    print(f"exported {r['class']} ({r['params']:,} parameters, {r['pack_format']} experts, {lora}) as {r['dtype']} "
+          f"in {r['seconds']} s, peak RSS {r['peak_rss_mib']:.0f} MiB -> {r['out_dir']}")
+    return 0
+
+
 def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json as _json
     from pathlib import Path
@@ -84,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
     conv.add_argument("--quiet", action="store_true", help="no progress bars")
     conv.set_defaults(handler=_convert, command_parser=conv)
+
+    exp = commands.add_parser("export", help="write a merged Hugging Face checkpoint (experts dense, LoRA merged)")
+    exp.add_argument("--model", required=True, help="a `kt-sft convert` output directory")
+    exp.add_argument("--adapter", help="PEFT LoRA adapter directory to merge (e.g. LLaMA-Factory's output_dir)")
+    exp.add_argument("--out", required=True, help="output directory (created atomically)")
+    exp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype written")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
+    exp.set_defaults(handler=_export, command_parser=exp)
 
     ver = commands.add_parser("verify", help="check the CRC-32 of every tensor in an expert pack")
     ver.add_argument("path", help="a converted model directory or an .ktpack file")

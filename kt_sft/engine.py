@@ -70,7 +70,7 @@ SELF_CHECK_REL_ERR = {"f32": 1e-4, "bf16": 2e-3, "int8": 2e-3}
 def verify_kernel_path() -> None:
     """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
     on a small random layer (every format and compute mode, few and many tokens per expert, forward
-    and backward).
+    and backward, with expert LoRA).
     A path that does not, on this CPU, is dropped for the scalar one with a warning: a wrong kernel
     costs a clear message and speed, never silently wrong numbers. Runs once per path (~10 ms)."""
     isa = lib.kt_current_isa()
@@ -95,11 +95,13 @@ def verify_kernel_path() -> None:
             idx = torch.argsort(torch.rand(t, 4, generator=gen), dim=1)[:, :2].contiguous()
             w = torch.rand(t, 2, generator=gen)
             dy = torch.randn(t, 70, generator=gen)
+            lora = Fn.ExpertLora(*(torch.randn(4, 3, n, generator=gen) for n in (48, 70, 70, 24)), scale=0.5)
             outs = []
             for path in (isa, KERNEL_PATHS["scalar"]):
                 _native.check(lib.kt_select_isa(path), "kt_select_isa")
-                y, gu = Fn.moe_forward(packed, x, idx, w, mode)
-                outs.append((y, *Fn.moe_backward(packed, dy, idx, w, gu, mode)))
+                y, gu = Fn.moe_forward(packed, x, idx, w, mode, lora=lora)
+                dx, dw, grads = Fn.moe_backward(packed, dy, idx, w, gu, mode, x=x, lora=lora)
+                outs.append((y, dx, dw, *grads))
             for fast, ref in zip(*outs):
                 err = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
                 worst[mode.value] = max(worst.get(mode.value, 0.0), err if err == err else float("inf"))

@@ -35,6 +35,59 @@ class PackedExperts:
         return self.gate_up.numel() + self.down.numel()
 
 
+@dataclass
+class ExpertLora:
+    """One rank-r LoRA adapter per expert on both products, in the kernels' layout: fp32, contiguous,
+    CPU, (E, r, n) each. B maps a product's input to rank r, A maps rank r to its output:
+        gate_up:  gu += scale * A_gu[e]^T (B_gu[e] x)      gu_b (E, r, H),  gu_a (E, r, 2I)
+        down:     out += scale * A_d[e]^T (B_d[e] h)       d_b  (E, r, I),  d_a  (E, r, H)
+    kt_sft/lora.py builds this from PEFT's tensors (lora_A.weight is A viewed (E, r, N) as is;
+    lora_B.weight (K, r*E) is B with the expert fastest, permuted)."""
+
+    gu_a: torch.Tensor
+    gu_b: torch.Tensor
+    d_a: torch.Tensor
+    d_b: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.gu_a.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gu_a, self.gu_b, self.d_a, self.d_b
+
+
+def validate_lora(packed: "PackedExperts", lora: ExpertLora) -> None:
+    """Raises a ValueError/TypeError naming the tensor whose dtype, device, layout or shape is wrong."""
+    e, h, inter = packed.num_experts, packed.hidden_dim, packed.intermediate_dim
+    r = lora.gu_a.shape[1] if lora.gu_a.dim() == 3 else -1
+    if r < 1:
+        raise ValueError(f"expert LoRA rank must be >= 1, got gu_a of shape {tuple(lora.gu_a.shape)}")
+    expected = {"gu_a": (e, r, 2 * inter), "gu_b": (e, r, h), "d_a": (e, r, h), "d_b": (e, r, inter)}
+    for name, shape in expected.items():
+        t = getattr(lora, name)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"expert LoRA `{name}` must be a float32 CPU tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', '?')}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"expert LoRA `{name}` has shape {tuple(t.shape)}, expected {shape} "
+                             f"for E={e}, H={h}, I={inter}, r={r}")
+        if not t.is_contiguous():
+            raise ValueError(f"expert LoRA `{name}` must be contiguous")
+    if not isinstance(lora.scale, float):
+        raise TypeError(f"expert LoRA scale must be a float, got {type(lora.scale).__name__}")
+
+
+def _set_lora(a, lora: "ExpertLora | None") -> None:
+    if lora is None:
+        a.lora_r = 0
+        return
+    a.lora_r, a.lora_scale = lora.rank, lora.scale
+    a.lora_gu_a, a.lora_gu_b = _ptr(lora.gu_a, "float *"), _ptr(lora.gu_b, "float *")
+    a.lora_d_a, a.lora_d_b = _ptr(lora.d_a, "float *"), _ptr(lora.d_b, "float *")
+
+
 def _ptr(t: torch.Tensor, ctype: str = "void *"):
     return ffi.cast(ctype, t.data_ptr())
 
@@ -179,9 +232,11 @@ def _routing_tensors(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
 
 
 def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor, mode: ComputeMode, save_for_backward: bool = True):
+                top_k_weights: torch.Tensor, mode: ComputeMode, save_for_backward: bool = True,
+                lora: ExpertLora | None = None):
     """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
-    pre-activations the backward needs. CPU tensors only; validated by validate_routing."""
+    pre-activations the backward needs. CPU tensors only; validated by validate_routing (and
+    validate_lora for `lora`)."""
     engine.verify_kernel_path()
     _check_mode(packed, mode)
     idx, w = _routing_tensors(top_k_index, top_k_weights)
@@ -194,13 +249,17 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
     a.x, a.x_dtype = _ptr(x), _ACT_DTYPES[x.dtype]
     a.y = _ptr(y, "float *")
     a.gu = _ptr(gu, "float *") if gu is not None else ffi.NULL
+    _set_lora(a, lora)
     _native.check(lib.kt_moe_forward(a), "kt_moe_forward")
     return y, gu
 
 
 def moe_backward(packed: PackedExperts, dy: torch.Tensor, top_k_index: torch.Tensor,
-                 top_k_weights: torch.Tensor, gu: torch.Tensor, mode: ComputeMode):
-    """Returns (dx fp32 (T, H), d top_k_weights fp32 (T, k)) for the incoming gradient dy (T, H)."""
+                 top_k_weights: torch.Tensor, gu: torch.Tensor, mode: ComputeMode,
+                 x: torch.Tensor | None = None, lora: ExpertLora | None = None):
+    """Returns (dx fp32 (T, H), d top_k_weights fp32 (T, k), LoRA grads) for the incoming gradient
+    dy (T, H). With `lora`, `x` is the forward's input and the grads are (d gu_a, d gu_b, d d_a,
+    d d_b) in the kernels' layout; without, None."""
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
     if dy.dtype not in _ACT_DTYPES:
@@ -212,12 +271,22 @@ def moe_backward(packed: PackedExperts, dy: torch.Tensor, top_k_index: torch.Ten
         raise ValueError("backward needs the gate/up activations saved by moe_forward(save_for_backward=True)")
     dx = torch.zeros((t, packed.hidden_dim), dtype=torch.float32)
     dw = torch.zeros((t, k), dtype=torch.float32)
+    grads = None
+    if lora is not None:
+        if x is None or tuple(x.shape) != (t, packed.hidden_dim) or x.dtype not in _ACT_DTYPES:
+            raise ValueError("the LoRA backward needs the forward's input x, (T, H) float32/bfloat16")
+        x = x.contiguous()
+        grads = tuple(torch.zeros_like(m) for m in lora.tensors())
     if t == 0:
-        return dx, dw
+        return dx, dw, grads
     a = _args(packed, mode, idx, w)
     a.dy, a.dy_dtype = _ptr(dy), _ACT_DTYPES[dy.dtype]
     a.gu = _ptr(gu, "float *")
     a.dx = _ptr(dx, "float *")
     a.dw = _ptr(dw, "float *")
+    _set_lora(a, lora)
+    if lora is not None:
+        a.x, a.x_dtype = _ptr(x), _ACT_DTYPES[x.dtype]
+        a.grad_gu_a, a.grad_gu_b, a.grad_d_a, a.grad_d_b = (_ptr(g, "float *") for g in grads)
     _native.check(lib.kt_moe_backward(a), "kt_moe_backward")
-    return dx, dw
+    return dx, dw, grads

@@ -62,6 +62,16 @@ def _report_memory_at_exit() -> None:
 _MEMORY_REPORT_REGISTERED = False
 
 
+def experts_class() -> type[CPUExperts]:
+    """LoraCPUExperts (a PEFT LoRA layer, so `lora_target: ...,experts` trains expert LoRA) when peft
+    is installed, else the plain CPUExperts."""
+    try:
+        from kt_sft.lora import LoraCPUExperts
+    except ImportError:
+        return CPUExperts
+    return LoraCPUExperts
+
+
 def install_cpu_experts(model: nn.Module, config) -> int:
     """Replaces every fused experts module with CPUExperts over the pack; returns how many."""
     settings = KtSettings.from_config(getattr(config, "kt_sft", None))
@@ -77,7 +87,7 @@ def install_cpu_experts(model: nn.Module, config) -> int:
         if match is None or not hasattr(module, "gate_up_proj"):
             continue
         e, two_i, h = module.gate_up_proj.shape
-        new = CPUExperts.from_pack(str(pack), int(match.group(1)), (e, h, two_i // 2), settings.compute_mode,
+        new = experts_class().from_pack(str(pack), int(match.group(1)), (e, h, two_i // 2), settings.compute_mode,
                                    verify=settings.verify)
         if not settings.checkpoint_cache:
             new.recompute_cache = None
@@ -109,7 +119,21 @@ def kt_causal_lm_class(model_type: str) -> type:
         base.__init__(self, config, *args, **kwargs)
         install_cpu_experts(self, config)
 
-    attrs = {"__init__": __init__, "__doc__": base.__doc__, "__module__": base.__module__}
+    def _get_peft_config(self):
+        try:
+            return self.__dict__["_kt_peft_config"]
+        except KeyError:
+            raise AttributeError("peft_config") from None
+
+    def _set_peft_config(self, configs):
+        # PEFT assigns this after every adapter injection: the moment to give the experts their LoRA
+        self.__dict__["_kt_peft_config"] = configs
+        from kt_sft.lora import attach_expert_lora
+
+        attach_expert_lora(self, configs)
+
+    attrs = {"__init__": __init__, "__doc__": base.__doc__, "__module__": base.__module__,
+             "peft_config": property(_get_peft_config, _set_peft_config)}
     if arch.keep_unquantized:  # bitsandbytes (QLoRA) skips these modules; they stay in fp32
         attrs["_keep_in_fp32_modules"] = list(getattr(base, "_keep_in_fp32_modules", None) or []) + list(arch.keep_unquantized)
     cls = type("KtSftForCausalLM", (base,), attrs)

@@ -288,7 +288,31 @@ static void tn_avx2(const kt_gemm *g) {
     }
 }
 
-const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2, kt_nt_q8_scalar, kt_tn_q8_scalar};
+static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float acc = _mm_cvtss_f32(h);
+    for (; i < n; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void axpy_avx2(float alpha, const float *x, float *y, int64_t n) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2, kt_nt_q8_scalar, kt_tn_q8_scalar, dot_avx2, axpy_avx2};
 
 #pragma GCC pop_options
 #endif

@@ -17,6 +17,16 @@
  * weights' per-row scales folded in, per pair (B0q: dy * d_down, B2q: dgu * d_gate_up), so the
  * integer sums need no scale inside them. int4 weights keep fp32 activations in the backward.
  *
+ * LoRA (lora_r > 0; B maps a product's input to rank r, A maps rank r to its output, s the scale):
+ *   F0L tg[p] = B_gu[e] xa[t]                     F1  gu[p] += s A_gu[e]^T tg[p]   (before h)
+ *   F1L td[p] = B_d[e] h[p]                       F2  y[t]  += w[p] s A_d[e]^T td[p]
+ *   B1L ud[p] = A_d[e] za[t],  dhu[p] += s B_d[e]^T ud[p],  td[p] again (h recomputed)
+ *   B2L vg[p] = A_gu[e] dgu[p], tg[p] again       B3  dx[t] += s B_gu[e]^T vg[p]
+ *   BG  dA_d[e] = s sum_p w td (x) za, dB_d[e] = s sum_p w ud (x) h,
+ *       dA_gu[e] = s sum_p tg (x) dgu,  dB_gu[e] = s sum_p vg (x) xa           tasks: (expert, matrix)
+ * The rank-r vectors are ~r/(2I) of the work; B1L adds into dhu before B2 reads it, so dw and dgu
+ * include the LoRA path with no change to B2. LoRA math is fp32 on the compute-precision activations.
+ *
  * F2 and B3 own a block of output columns and walk the experts in order inside the task, so no two
  * threads write the same element and the summation order does not depend on the thread count:
  * results are bitwise repeatable.
@@ -68,6 +78,9 @@ typedef struct {
     int64_t xq_ld, hq_ld, zq_ld;  /* row strides (bytes) of the quantized buffers, multiples of 64 */
     int8_t *xq, *hq, *zq;         /* (T, xq_ld) x; (P, hq_ld) h; (P, zq_ld) folded gradients */
     float *xs, *hs, *zs;          /* their row scales */
+    int64_t r;                    /* LoRA rank, 0: none */
+    float *tg, *td, *ud, *vg;     /* (P, r) each, see the top of the file */
+    float *xa;                    /* (T, H) backward with LoRA: x in the compute precision */
     /* per thread: M activation pointers, M output pointers, M multipliers, M scales, scratch */
     const void **arows;
     float **orows;
@@ -133,7 +146,13 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->xq_ld = j->q_fwd ? round64(H) : 0;
     j->hq_ld = j->q_fwd ? round64(I) : 0;
     j->zq_ld = j->q_bwd ? round64(H > 2 * I ? H : 2 * I) : 0;
-    size_t off = 0, sizes[16];
+    j->r = a->lora_r;
+    if (j->r < 0) KT_FAIL(KT_EINVAL, "LoRA rank %lld < 0", (long long)j->r);
+    if (j->r > 0 && (!a->lora_gu_a || !a->lora_gu_b || !a->lora_d_a || !a->lora_d_b))
+        KT_FAIL(KT_EINVAL, "LoRA rank %lld without its four matrices", (long long)j->r);
+    if (j->r > 0 && backward && (!a->x || !a->grad_gu_a || !a->grad_gu_b || !a->grad_d_a || !a->grad_d_b))
+        KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
+    size_t off = 0, sizes[18];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
     CARVE(1, sizeof(float) * (size_t)(T * H));
@@ -151,6 +170,8 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     CARVE(13, sizeof(float) * (size_t)P);
     CARVE(14, (size_t)(P * j->zq_ld));
     CARVE(15, sizeof(float) * (size_t)P);
+    CARVE(16, sizeof(float) * (size_t)(4 * P * j->r));
+    CARVE(17, j->r > 0 && backward ? sizeof(float) * (size_t)(T * H) : 0);
 #undef CARVE
     uint8_t *ws = kt_workspace(off);
     if (!ws) KT_FAIL(KT_ENOMEM, "cannot allocate %zu bytes of workspace", off);
@@ -172,6 +193,11 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->hs = (float *)(ws + sizes[13]);
     j->zq = (int8_t *)(ws + sizes[14]);
     j->zs = (float *)(ws + sizes[15]);
+    j->tg = (float *)(ws + sizes[16]);
+    j->td = j->tg + P * j->r;
+    j->ud = j->td + P * j->r;
+    j->vg = j->ud + P * j->r;
+    j->xa = j->r > 0 && backward ? (float *)(ws + sizes[17]) : NULL;
 
     /* counting sort of the pairs by expert (stable: ascending p inside each group) */
     memset(j->offs, 0, sizeof(int32_t) * (size_t)(E + 1));
@@ -243,6 +269,47 @@ static void block_range(int64_t task, int64_t per, int64_t total, int64_t *lo, i
     *hi = *lo + per < total ? *lo + per : total;
 }
 
+/* ---- LoRA helpers ------------------------------------------------------------------------- */
+
+/* Expert e's (r, n) matrix of a LoRA tensor laid out (E, r, n). */
+static const float *lora_of(const float *base, int64_t e, int64_t r, int64_t n) { return base + (size_t)(e * r * n); }
+
+/* t[k] = <M[k], v>, k < r, M (r, n) */
+static void rank_in(const moe_job *j, const float *M, int64_t n, const float *v, float *t) {
+    for (int64_t k = 0; k < j->r; k++) t[k] = j->kern->dot(M + k * n, v, n);
+}
+
+/* out[0 .. hi-lo) += c * sum_k t[k] M[k][lo .. hi), M (r, n) */
+static void rank_out(const moe_job *j, const float *M, int64_t n, const float *t, float c, float *out,
+                     int64_t lo, int64_t hi) {
+    for (int64_t k = 0; k < j->r; k++) j->kern->axpy(c * t[k], M + k * n + lo, out, hi - lo);
+}
+
+/* For each pair p of expert e in order: out[t][lo .. hi) += s (* w[p]) sum_k vecs[p][k] M[k][lo .. hi),
+ * M (r, H), out (T, H): the LoRA term of F2 (y) and B3 (dx) inside their column-block tasks. */
+static void rank_out_by_token(const moe_job *j, int64_t e, const float *M, const float *vecs, int weighted,
+                              float *out, int64_t lo, int64_t hi) {
+    const kt_moe_args *a = j->a;
+    for (int32_t pos = j->offs[e]; pos < j->offs[e + 1]; pos++) {
+        const int64_t p = j->pairs[pos];
+        const float c = weighted ? a->topk_w[p] * a->lora_scale : a->lora_scale;
+        rank_out(j, M, a->H, vecs + p * j->r, c, out + (p / a->k) * a->H + lo, lo, hi);
+    }
+}
+
+/* Pair-block tasks over the pairs sorted by expert, so consecutive pairs share LoRA matrices. */
+#define FOR_SORTED_PAIRS(j, task, pos, p, e, t)                                               \
+    int64_t pos##0_, pos##1_;                                                                 \
+    block_range(task, PAIRS_PER_TASK, (j)->P, &pos##0_, &pos##1_);                            \
+    for (int64_t pos = pos##0_, p, e, t; pos < pos##1_ &&                                     \
+         (p = (j)->pairs[pos], e = (j)->a->topk_idx[p], t = p / (j)->a->k, 1); pos++)
+
+static void h_row(const moe_job *j, int64_t p, float *h) {
+    const int64_t I = j->a->I;
+    const float *gp = j->gu + p * 2 * I, *up = gp + I;
+    for (int64_t i = 0; i < I; i++) h[i] = to_compute(kt_silu(gp[i]) * up[i], j->a->act_mode);
+}
+
 /* ---- forward ------------------------------------------------------------------------------ */
 
 static void f0_task(void *vj, int64_t task, int tid) {
@@ -267,9 +334,33 @@ static void f1_task(void *vj, int64_t task, int tid) {
     run_gemm(j, tid, e, &j->Lgu, a->gate_up, x, j->gu, 2 * I, 0, I + i0, 0, 0, I + i0, I + i1, 0); /* up */
     const int32_t *grp = j->pairs + j->offs[e];
     for (int64_t m = 0; m < j->offs[e + 1] - j->offs[e]; m++) {
+        if (j->r > 0) {
+            const float *A = lora_of(a->lora_gu_a, e, j->r, 2 * I), *tg = j->tg + grp[m] * j->r;
+            float *row = j->gu + (size_t)grp[m] * 2 * I;
+            rank_out(j, A, 2 * I, tg, a->lora_scale, row + i0, i0, i1);
+            rank_out(j, A, 2 * I, tg, a->lora_scale, row + I + i0, I + i0, I + i1);
+        }
         const float *gp = j->gu + (size_t)grp[m] * 2 * I, *up = gp + I;
         float *hp = j->h + (size_t)grp[m] * I;
         for (int64_t i = i0; i < i1; i++) hp[i] = to_compute(kt_silu(gp[i]) * up[i], a->act_mode);
+    }
+}
+
+static void f0l_task(void *vj, int64_t task, int tid) {
+    (void)tid;
+    moe_job *j = vj;
+    const kt_moe_args *a = j->a;
+    FOR_SORTED_PAIRS(j, task, pos, p, e, t)
+        rank_in(j, lora_of(a->lora_gu_b, e, j->r, a->H), a->H, j->act + t * a->H, j->tg + p * j->r);
+}
+
+static void f1l_task(void *vj, int64_t task, int tid) {
+    (void)tid;
+    moe_job *j = vj;
+    const kt_moe_args *a = j->a;
+    FOR_SORTED_PAIRS(j, task, pos, p, e, t) {
+        (void)t;
+        rank_in(j, lora_of(a->lora_d_b, e, j->r, a->I), a->I, j->h + p * a->I, j->td + p * j->r);
     }
 }
 
@@ -290,8 +381,11 @@ static void f2_task(void *vj, int64_t task, int tid) {
     block_range(task, COLS_PER_TASK, H, &n0, &n1);
     for (int64_t t = 0; t < a->T; t++) memset(a->y + t * H + n0, 0, sizeof(float) * (size_t)(n1 - n0));
     act_rows h = {j->h, a->I, j->q_fwd ? j->hq : NULL, j->hs, j->hq_ld, 0};
-    for (int64_t ai = 0; ai < j->n_active; ai++)
-        run_gemm(j, tid, j->active[ai], &j->Ld, a->down, h, a->y, H, 1, n0, 1, 0, n0, n1, 1);
+    for (int64_t ai = 0; ai < j->n_active; ai++) {
+        const int64_t e = j->active[ai];
+        run_gemm(j, tid, e, &j->Ld, a->down, h, a->y, H, 1, n0, 1, 0, n0, n1, 1);
+        if (j->r > 0) rank_out_by_token(j, e, lora_of(a->lora_d_a, e, j->r, H), j->td, 1, a->y, n0, n1);
+    }
 }
 
 static int check_args(const kt_moe_args *a) {
@@ -308,9 +402,12 @@ int kt_moe_forward(const kt_moe_args *a) {
     moe_job j;
     rc = job_init(&j, a, 0);
     if (rc == KT_OK) {
+        const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
+        if (j.r > 0) run_phase("F0L", pair_tasks, f0l_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
-        if (j.q_fwd) run_phase("F1q", (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK, f1q_task, &j);
+        if (j.r > 0) run_phase("F1L", pair_tasks, f1l_task, &j);
+        if (j.q_fwd) run_phase("F1q", pair_tasks, f1q_task, &j);
         run_phase("F2", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
@@ -325,6 +422,7 @@ static void b0_task(void *vj, int64_t task, int tid) {
     int64_t t0, t1;
     block_range(task, TOKENS_PER_TASK, j->a->T, &t0, &t1);
     convert_rows(j->a->dy, j->a->dy_dtype, j->a->act_mode, t0, t1, j->a->H, j->act);
+    if (j->xa) convert_rows(j->a->x, j->a->x_dtype, j->a->act_mode, t0, t1, j->a->H, j->xa);
 }
 
 /* z[p] = v[p] * d_e (the weights' per-row scales of the matrix the next product reads), quantized. */
@@ -378,6 +476,69 @@ static void b2_task(void *vj, int64_t task, int tid) {
     }
 }
 
+static void b1l_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    const kt_moe_args *a = j->a;
+    const int64_t H = a->H, I = a->I, r = j->r;
+    float *h = j->scratch + (size_t)tid * j->scratch_floats;
+    FOR_SORTED_PAIRS(j, task, pos, p, e, t) {
+        const float *Bd = lora_of(a->lora_d_b, e, r, I);
+        rank_in(j, lora_of(a->lora_d_a, e, r, H), H, j->act + t * H, j->ud + p * r);
+        rank_out(j, Bd, I, j->ud + p * r, a->lora_scale, j->h + p * I, 0, I);
+        h_row(j, p, h);
+        rank_in(j, Bd, I, h, j->td + p * r);
+    }
+}
+
+static void b2l_task(void *vj, int64_t task, int tid) {
+    (void)tid;
+    moe_job *j = vj;
+    const kt_moe_args *a = j->a;
+    const int64_t H = a->H, I = a->I, r = j->r;
+    FOR_SORTED_PAIRS(j, task, pos, p, e, t) {
+        rank_in(j, lora_of(a->lora_gu_a, e, r, 2 * I), 2 * I, j->dgu + p * 2 * I, j->vg + p * r);
+        rank_in(j, lora_of(a->lora_gu_b, e, r, H), H, j->xa + t * H, j->tg + p * r);
+    }
+}
+
+/* Task (expert, matrix): one LoRA gradient of one expert, summed over its pairs in order. */
+static void bg_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    const kt_moe_args *a = j->a;
+    const int64_t H = a->H, I = a->I, r = j->r, e = j->active[task / 4], which = task % 4;
+    const int64_t n = which == 1 ? I : which == 2 ? 2 * I : H;
+    float *G = (which == 0 ? a->grad_d_a : which == 1 ? a->grad_d_b : which == 2 ? a->grad_gu_a : a->grad_gu_b)
+               + (size_t)(e * r * n);
+    float *h = j->scratch + (size_t)tid * j->scratch_floats;
+    memset(G, 0, sizeof(float) * (size_t)(r * n));
+    for (int32_t pos = j->offs[e]; pos < j->offs[e + 1]; pos++) {
+        const int64_t p = j->pairs[pos], t = p / a->k;
+        const float ws = a->topk_w[p] * a->lora_scale;
+        const float *c, *v;
+        float scale = a->lora_scale;
+        switch (which) {
+        case 0: c = j->td + p * r; v = j->act + t * H; scale = ws; break;          /* dA_d  */
+        case 1: h_row(j, p, h); c = j->ud + p * r; v = h; scale = ws; break;       /* dB_d  */
+        case 2: c = j->tg + p * r; v = j->dgu + p * 2 * I; break;                  /* dA_gu */
+        default: c = j->vg + p * r; v = j->xa + t * H; break;                      /* dB_gu */
+        }
+        for (int64_t k = 0; k < r; k++) j->kern->axpy(scale * c[k], v, G + k * n, n);
+    }
+}
+
+/* Zero the LoRA gradients of experts that received no pairs (the others are written by BG). */
+static void zero_idle_lora_grads(const moe_job *j) {
+    const kt_moe_args *a = j->a;
+    const int64_t H = a->H, I = a->I, r = j->r;
+    for (int64_t e = 0; e < a->E; e++) {
+        if (j->offs[e + 1] > j->offs[e]) continue;
+        memset(a->grad_d_a + e * r * H, 0, sizeof(float) * (size_t)(r * H));
+        memset(a->grad_d_b + e * r * I, 0, sizeof(float) * (size_t)(r * I));
+        memset(a->grad_gu_a + e * r * 2 * I, 0, sizeof(float) * (size_t)(r * 2 * I));
+        memset(a->grad_gu_b + e * r * H, 0, sizeof(float) * (size_t)(r * H));
+    }
+}
+
 static void b3_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
@@ -386,8 +547,11 @@ static void b3_task(void *vj, int64_t task, int tid) {
     block_range(task, COLS_PER_TASK, H, &c0, &c1);
     for (int64_t t = 0; t < a->T; t++) memset(a->dx + t * H + c0, 0, sizeof(float) * (size_t)(c1 - c0));
     act_rows dgu = {j->dgu, 2 * a->I, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, 0};
-    for (int64_t ai = 0; ai < j->n_active; ai++)
-        run_gemm(j, tid, j->active[ai], &j->Lgu, a->gate_up, dgu, a->dx, H, 1, c0, 0, 1, c0, c1, 1);
+    for (int64_t ai = 0; ai < j->n_active; ai++) {
+        const int64_t e = j->active[ai];
+        run_gemm(j, tid, e, &j->Lgu, a->gate_up, dgu, a->dx, H, 1, c0, 0, 1, c0, c1, 1);
+        if (j->r > 0) rank_out_by_token(j, e, lora_of(a->lora_gu_b, e, j->r, H), j->vg, 0, a->dx, c0, c1);
+    }
 }
 
 int kt_moe_backward(const kt_moe_args *a) {
@@ -402,8 +566,14 @@ int kt_moe_backward(const kt_moe_args *a) {
         run_phase("B0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
         if (j.q_bwd) run_phase("B0q", pair_tasks, b0q_task, &j);
         run_phase("B1", j.n_active * j.I_blocks, b1_task, &j);
+        if (j.r > 0) run_phase("B1L", pair_tasks, b1l_task, &j);
         run_phase("B2", pair_tasks, b2_task, &j);
+        if (j.r > 0) run_phase("B2L", pair_tasks, b2l_task, &j);
         run_phase("B3", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, b3_task, &j);
+        if (j.r > 0) {
+            run_phase("BG", 4 * j.n_active, bg_task, &j);
+            zero_idle_lora_grads(&j);
+        }
     }
     pthread_mutex_unlock(&g_engine_lock);
     return rc;

@@ -32,7 +32,7 @@
 
 /* cffi-begin */
 
-#define KT_ABI_VERSION 1
+#define KT_ABI_VERSION 2
 
 /* Weight formats (same lowercase names in Python, YAML and docs). */
 #define KT_FORMAT_BF16 0
@@ -126,6 +126,25 @@ typedef struct {
     int dy_dtype;
     float *dx;                  /* (T, H) out */
     float *dw;                  /* (T, k) out: d loss / d topk_w */
+
+    /* LoRA on the routed experts, optional (lora_r = 0: none). fp32, contiguous, per expert e:
+     *   gate_up:  gu[p]  += s * A_gu[e]^T (B_gu[e] x[t])     B_gu (E, r, H),  A_gu (E, r, 2I)
+     *   down:     out[p] += s * A_d[e]^T  (B_d[e] h[p])      B_d  (E, r, I),  A_d  (E, r, H)
+     * s = lora_scale. B maps a product's input to rank r, A maps rank r to its output: PEFT's
+     * ParamWrapper keeps A as lora_A.weight (r*E, N), which is A here as is, and B as
+     * lora_B.weight (K, r*E) with the expert fastest, which kt_sft/lora.py permutes to (E, r, K).
+     * The backward also needs x (the forward's input, same dtype rules) and writes the four
+     * gradients (overwritten, zero for experts without pairs). */
+    int64_t lora_r;
+    float lora_scale;
+    const float *lora_gu_a;
+    const float *lora_gu_b;
+    const float *lora_d_a;
+    const float *lora_d_b;
+    float *grad_gu_a;
+    float *grad_gu_b;
+    float *grad_d_a;
+    float *grad_d_b;
 
     /* workspace, sized by the caller */
     int32_t *plan;              /* E + 1 + P: expert offsets, then pair ids grouped by expert */
