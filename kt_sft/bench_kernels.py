@@ -103,6 +103,8 @@ class KernelBenchConfig:
     baseline: bool = _help("also time transformers' experts module (eager and grouped_mm)", default=True)
     baseline_max_tokens: int | None = _help("time the baseline only for T <= this (its bf16 backward can "
                                             "take minutes per run on AVX2-only CPUs)", default=None)
+    lora_rank: int = _help("also time expert LoRA of this rank (0: off): kt_sft with the adapter in its kernels, "
+                           "and an unmerged per-expert torch LoRA on the transformers eager loop", default=0)
     seed: int = _help("seed for weights and inputs", default=0)
     quick: bool = _help("tiny smoke configuration (seconds)", default=False)
     out: str | None = _help("JSON path (default bench_results/kernels-<timestamp>.json)", default=None)
@@ -116,6 +118,8 @@ class KernelBenchConfig:
                 raise BenchConfigError(f"`{name}` must be a positive int, got {value!r}")
         if self.warmup < 0:
             raise BenchConfigError(f"`warmup` must be >= 0, got {self.warmup}")
+        if not isinstance(self.lora_rank, int) or not 0 <= self.lora_rank <= min(self.hidden, self.intermediate):
+            raise BenchConfigError(f"`lora_rank` must be in [0, min(H, I)], got {self.lora_rank!r}")
         if self.top_k > self.num_experts:
             raise BenchConfigError(f"`top_k` ({self.top_k}) cannot exceed `num_experts` ({self.num_experts})")
         self.tokens = tuple(sorted(set(self.tokens)))
@@ -207,6 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, type=int, metavar="N", help=f"{h[name]} (default {'no limit' if d[name] is None else d[name]})")
     parser.add_argument("--skew", action=argparse.BooleanOptionalAction, help=f"{h['skew']} (default on)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=f"{h['baseline']} (default on)")
+    parser.add_argument("--lora-rank", dest="lora_rank", type=int, metavar="R",
+                        help=f"{h['lora_rank']} (default {d['lora_rank']})")
     parser.add_argument("--out", metavar="PATH", help=h["out"])
 
 
@@ -364,6 +370,47 @@ def build_baseline(cfg: KernelBenchConfig, gate_up: torch.Tensor, down: torch.Te
     return module
 
 
+def make_lora(cfg: KernelBenchConfig) -> dict:
+    """PEFT-layout expert LoRA tensors (fp32, std WEIGHT_STD; B non-zero so nothing is skipped)."""
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    e, h, inter, r = cfg.num_experts, cfg.hidden, cfg.intermediate, cfg.lora_rank
+    shapes = {"lora_gu_A": (r * e, 2 * inter), "lora_gu_B": (h, r * e), "lora_A": (r * e, h), "lora_B": (inter, r * e)}
+    return {name: torch.randn(shape, generator=g) * WEIGHT_STD for name, shape in shapes.items()}
+
+
+class TorchLoraExperts(torch.nn.Module):
+    """The baseline with expert LoRA: transformers' eager experts loop (frozen bf16 weights) with an
+    unmerged per-expert LoRA in torch, out += s * ((v @ B_e) @ A_e) in fp32 (the trainable tensors'
+    dtype under LLaMA-Factory), for both products; ΔW is never formed."""
+
+    def __init__(self, base, lora: dict, scaling: float):
+        super().__init__()
+        self.base, self.scaling = base, scaling
+        e = base.num_experts
+        from kt_sft.lora import kernel_layout
+
+        gu_a, gu_b = kernel_layout(lora["lora_gu_A"], lora["lora_gu_B"], e)
+        d_a, d_b = kernel_layout(lora["lora_A"], lora["lora_B"], e)
+        # per expert: B_e^T (K, r) and A_e (r, N) as trainable leaves
+        self.gu_b = torch.nn.Parameter(gu_b.transpose(1, 2).contiguous())
+        self.gu_a = torch.nn.Parameter(gu_a.contiguous())
+        self.d_b = torch.nn.Parameter(d_b.transpose(1, 2).contiguous())
+        self.d_a = torch.nn.Parameter(d_a.contiguous())
+
+    def forward(self, x, top_k_index, top_k_weights):
+        base, s = self.base, self.scaling
+        y = torch.zeros(x.shape, dtype=torch.float32)
+        for e in torch.unique(top_k_index).tolist():
+            tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+            xe = x[tok]
+            gu = (xe @ base.gate_up_proj[e].T).float() + s * ((xe.float() @ self.gu_b[e]) @ self.gu_a[e])
+            g, u = gu.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(g) * u
+            out = (h.to(x.dtype) @ base.down_proj[e].T).float() + s * ((h @ self.d_b[e]) @ self.d_a[e])
+            y = y.index_add(0, tok, out * top_k_weights[tok, slot, None])
+        return y.to(x.dtype)
+
+
 def grouped_mm_backend(module, inp: dict) -> str:
     """Which grouped GEMM transformers' grouped_mm implementation dispatches to here."""
     from transformers.integrations import moe
@@ -427,8 +474,9 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
     paths = cfg.kernel_paths()
     workloads = cfg.workloads()
     base_workloads = cfg.baseline_workloads()
-    n_cases = (len(base_workloads) * len(BASELINE_IMPLS)
-               + len(workloads) * len(cfg.formats) * len(cfg.modes) * len(paths))
+    with_lora = 2 if cfg.lora_rank else 1
+    n_cases = (len(base_workloads) * (len(BASELINE_IMPLS) + with_lora - 1)
+               + with_lora * len(workloads) * len(cfg.formats) * len(cfg.modes) * len(paths))
     report = {
         "schema": SCHEMA,
         "timestamp": stamp.isoformat(timespec="seconds"),
@@ -476,6 +524,17 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
                 report["baseline_best"].append({k: fastest[k] for k in (
                     "experts_implementation", "tokens", "routing", "fwd_ms", "bwd_ms", "tokens_per_s",
                     "gflops_fwd_bwd")})
+        if cfg.lora_rank:
+            lora_module = TorchLoraExperts(module, make_lora(cfg), 2.0)  # alpha = 2r
+            for t, routing in base_workloads:
+                bar.set_description(f"torch eager + LoRA{cfg.lora_rank} T={t} {routing}")
+                entry, _ = _run_case(lora_module, cfg, t, inputs[(t, routing)])
+                report["baseline"].append({"impl": "transformers", "experts_implementation": "eager+torch_lora",
+                                           "lora_rank": cfg.lora_rank, "tokens": t, "routing": routing, **entry})
+                if entry["status"] == "ok":
+                    best[(t, routing, "lora")] = entry
+                bar.update()
+            del lora_module
         del module
 
     for fmt in cfg.formats:
@@ -494,29 +553,44 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
             continue
         report["packing"].append({"format": fmt, "status": "ok", "pack_s": time.perf_counter() - t0,
                                   "packed_mib": experts.packed.nbytes / 2**20})
-        for t, routing in workloads:
-            for mode in cfg.modes:
-                experts.compute_mode = ComputeMode.parse(mode)
-                for path in paths:
-                    bar.set_description(f"kt_sft {fmt}/{mode}/{path} T={t} {routing}")
-                    engine.set_kernel_path(path)
-                    if (fmt, mode) in INVALID_PAIRS:
-                        entry, samples = {"status": "unsupported", "detail": INVALID_PAIRS[(fmt, mode)]}, None
-                    else:
-                        entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)])
-                    entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing)))
-                    ref = eager_out.get((t, routing))
-                    if samples is not None and ref is not None:
-                        entry["rel_err_vs_eager"] = {k: _rel_err(samples[k], ref[k]) for k in ("y", "dx", "dw")}
-                    report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
-                                              "tokens": t, "routing": routing, **entry})
-                    bar.update()
+        for rank in (0, cfg.lora_rank) if cfg.lora_rank else (0,):
+            if rank:
+                experts = _with_lora(experts, cfg)
+            for t, routing in workloads:
+                for mode in cfg.modes:
+                    experts.compute_mode = ComputeMode.parse(mode)
+                    for path in paths:
+                        bar.set_description(f"kt_sft {fmt}/{mode}/{path}{f'/lora{rank}' if rank else ''} T={t} {routing}")
+                        engine.set_kernel_path(path)
+                        if (fmt, mode) in INVALID_PAIRS:
+                            entry, samples = {"status": "unsupported", "detail": INVALID_PAIRS[(fmt, mode)]}, None
+                        else:
+                            entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)])
+                        entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing, "lora") if rank else (t, routing)))
+                        ref = eager_out.get((t, routing))
+                        if samples is not None and ref is not None and not rank:
+                            entry["rel_err_vs_eager"] = {k: _rel_err(samples[k], ref[k]) for k in ("y", "dx", "dw")}
+                        report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
+                                                  "lora_rank": rank, "tokens": t, "routing": routing, **entry})
+                        bar.update()
         del experts
     bar.set_description("fp32 ceiling again")
     _apply_ceiling(report, *fp32_ceiling(cfg.quick))
     bar.set_description("done")
     bar.close()
     return report
+
+
+def _with_lora(experts: CPUExperts, cfg: KernelBenchConfig):
+    """The same packed weights as a LoraCPUExperts holding make_lora's adapter (alpha = 2r)."""
+    from kt_sft.lora import LoraCPUExperts
+
+    out = LoraCPUExperts(experts.packed)
+    out.update_layer("default", cfg.lora_rank, 2 * cfg.lora_rank, 0.0, False, False)
+    with torch.no_grad():
+        for name, value in make_lora(cfg).items():
+            getattr(out, name)["default"].weight.copy_(value)
+    return out
 
 
 def _apply_ceiling(report: dict, end_median: float, end_best: float) -> None:
@@ -574,12 +648,14 @@ def format_table(report: dict) -> str:
     for r in sorted(report["baseline"], key=lambda r: order[(r["tokens"], r["routing"])]):
         mark = "*" if best.get((r["tokens"], r["routing"])) == r["experts_implementation"] else ""
         row(f"hf {r['experts_implementation']}{mark}", "bf16", "-", "torch", r)
-    for r in sorted(report["results"], key=lambda r: order[(r["tokens"], r["routing"])]):
-        row("kt_sft", r["format"], r["mode"], r["kernel_path"], r)
+    for r in sorted(report["results"], key=lambda r: (r.get("lora_rank", 0), order[(r["tokens"], r["routing"])])):
+        row(f"kt_sft{'+lora' + str(r['lora_rank']) if r.get('lora_rank') else ''}", r["format"], r["mode"],
+            r["kernel_path"], r)
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [" ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += [" ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    foot = ["hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm"]
+    foot = ["hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm; "
+            "kt_sft+loraR rows compare with 'hf eager+torch_lora' (per-expert unmerged LoRA in torch)"]
     if m["ceiling_unstable"]:
         foot.append("WARNING: the fp32 ceiling moved by more than 20% during the run; the machine was busy, "
                     "timings are noisy")

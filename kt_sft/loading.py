@@ -14,8 +14,10 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import types
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from kt_sft.experts import CPUExperts
@@ -97,11 +99,40 @@ def install_cpu_experts(model: nn.Module, config) -> int:
         swapped += 1
     if swapped == 0:
         raise ValueError(f"{type(model).__name__} has no fused experts modules to serve from {pack}")
+    for module in model.modules():
+        if type(module).__name__ == "DeepseekV2Moe":  # see _deepseek_v2_moe_forward
+            module.forward = types.MethodType(_deepseek_v2_moe_forward, module)
     global _MEMORY_REPORT_REGISTERED
     if os.environ.get("KT_SFT_MEMORY_REPORT", "") not in ("", "0") and not _MEMORY_REPORT_REGISTERED:
         atexit.register(_report_memory_at_exit)  # e.g. at the end of a llamafactory-cli run
         _MEMORY_REPORT_REGISTERED = True
     return swapped
+
+
+def _router_logits(gate: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits like upstream's F.linear(h.float(), gate.weight.float()), plus the gate's
+    LoRA when PEFT wrapped it (lora_target `all` does: DeepSeek-V2's router is an nn.Linear)."""
+    h = hidden_states.float()
+    logits = nn.functional.linear(h, gate.weight.float())
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return logits
+    if isinstance(gate, LoraLayer) and not gate.disable_adapters and not gate.merged:
+        for name in gate.active_adapters:
+            if name in gate.lora_A:
+                a, b = gate.lora_A[name], gate.lora_B[name]
+                logits = logits + b(a(gate.lora_dropout[name](h.to(a.weight.dtype)))).float() * gate.scaling[name]
+    return logits
+
+
+def _deepseek_v2_moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """DeepseekV2Moe.forward (transformers 5.6) with the router logits from _router_logits: upstream
+    reads `self.gate.weight` directly, so a LoRA that PEFT puts on the router never trains there."""
+    residuals, shape = hidden_states, hidden_states.shape
+    topk_indices, topk_weights = self.route_tokens_to_experts(_router_logits(self.gate, hidden_states))
+    flat = hidden_states.view(-1, hidden_states.shape[-1])
+    return self.experts(flat, topk_indices, topk_weights).view(*shape) + self.shared_experts(residuals)
 
 
 def kt_causal_lm_class(model_type: str) -> type:

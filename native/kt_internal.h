@@ -110,14 +110,14 @@ typedef struct {
     void (*nt_q8)(const kt_gemm *g);
     void (*tn_q8)(const kt_gemm *g);
     /* fp32 vector helpers for the LoRA branches (rank-r products, ~1-2% of a layer's FLOPs) */
-    float (*dot)(const float *a, const float *b, int64_t n);
+    void (*dots)(const float *M, int64_t r, int64_t n, const float *v, float *t);  /* t[k] = <M[k], v>, M (r, n) */
     void (*axpy)(float alpha, const float *x, float *y, int64_t n);  /* y += alpha * x */
 } kt_kernels;
 
 /* The scalar int8-activation products, shared by paths without their own. */
 void kt_nt_q8_scalar(const kt_gemm *g);
 void kt_tn_q8_scalar(const kt_gemm *g);
-float kt_dot_scalar(const float *a, const float *b, int64_t n);
+void kt_dots_scalar(const float *M, int64_t r, int64_t n, const float *v, float *t);
 void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n);
 
 extern const kt_kernels kt_kernels_scalar;

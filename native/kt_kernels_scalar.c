@@ -88,7 +88,7 @@ void kt_tn_q8_scalar(const kt_gemm *g) {
 }
 
 /* Eight partial sums, so the order is fixed (and the compiler may keep them in one vector). */
-float kt_dot_scalar(const float *a, const float *b, int64_t n) {
+static float dot_scalar(const float *a, const float *b, int64_t n) {
     float acc[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -97,9 +97,13 @@ float kt_dot_scalar(const float *a, const float *b, int64_t n) {
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
+void kt_dots_scalar(const float *M, int64_t r, int64_t n, const float *v, float *t) {
+    for (int64_t k = 0; k < r; k++) t[k] = dot_scalar(M + k * n, v, n);
+}
+
 void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
 const kt_kernels kt_kernels_scalar = {"scalar", nt_scalar, tn_scalar, kt_nt_q8_scalar, kt_tn_q8_scalar,
-                                      kt_dot_scalar, kt_axpy_scalar};
+                                      kt_dots_scalar, kt_axpy_scalar};

@@ -81,6 +81,7 @@ typedef struct {
     int64_t r;                    /* LoRA rank, 0: none */
     float *tg, *td, *ud, *vg;     /* (P, r) each, see the top of the file */
     float *xa;                    /* (T, H) backward with LoRA: x in the compute precision */
+    float *hb;                    /* (P, I) backward with LoRA: h, recomputed once by B1L for BG */
     /* per thread: M activation pointers, M output pointers, M multipliers, M scales, scratch */
     const void **arows;
     float **orows;
@@ -152,7 +153,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "LoRA rank %lld without its four matrices", (long long)j->r);
     if (j->r > 0 && backward && (!a->x || !a->grad_gu_a || !a->grad_gu_b || !a->grad_d_a || !a->grad_d_b))
         KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
-    size_t off = 0, sizes[18];
+    size_t off = 0, sizes[19];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
     CARVE(1, sizeof(float) * (size_t)(T * H));
@@ -172,6 +173,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     CARVE(15, sizeof(float) * (size_t)P);
     CARVE(16, sizeof(float) * (size_t)(4 * P * j->r));
     CARVE(17, j->r > 0 && backward ? sizeof(float) * (size_t)(T * H) : 0);
+    CARVE(18, j->r > 0 && backward ? sizeof(float) * (size_t)(P * I) : 0);
 #undef CARVE
     uint8_t *ws = kt_workspace(off);
     if (!ws) KT_FAIL(KT_ENOMEM, "cannot allocate %zu bytes of workspace", off);
@@ -198,6 +200,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->ud = j->td + P * j->r;
     j->vg = j->ud + P * j->r;
     j->xa = j->r > 0 && backward ? (float *)(ws + sizes[17]) : NULL;
+    j->hb = j->r > 0 && backward ? (float *)(ws + sizes[18]) : NULL;
 
     /* counting sort of the pairs by expert (stable: ascending p inside each group) */
     memset(j->offs, 0, sizeof(int32_t) * (size_t)(E + 1));
@@ -276,7 +279,7 @@ static const float *lora_of(const float *base, int64_t e, int64_t r, int64_t n) 
 
 /* t[k] = <M[k], v>, k < r, M (r, n) */
 static void rank_in(const moe_job *j, const float *M, int64_t n, const float *v, float *t) {
-    for (int64_t k = 0; k < j->r; k++) t[k] = j->kern->dot(M + k * n, v, n);
+    j->kern->dots(M, j->r, n, v, t);
 }
 
 /* out[0 .. hi-lo) += c * sum_k t[k] M[k][lo .. hi), M (r, n) */
@@ -480,9 +483,9 @@ static void b1l_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
     const int64_t H = a->H, I = a->I, r = j->r;
-    float *h = j->scratch + (size_t)tid * j->scratch_floats;
     FOR_SORTED_PAIRS(j, task, pos, p, e, t) {
         const float *Bd = lora_of(a->lora_d_b, e, r, I);
+        float *h = j->hb + p * I;
         rank_in(j, lora_of(a->lora_d_a, e, r, H), H, j->act + t * H, j->ud + p * r);
         rank_out(j, Bd, I, j->ud + p * r, a->lora_scale, j->h + p * I, 0, I);
         h_row(j, p, h);
@@ -501,7 +504,9 @@ static void b2l_task(void *vj, int64_t task, int tid) {
     }
 }
 
-/* Task (expert, matrix): one LoRA gradient of one expert, summed over its pairs in order. */
+/* Task (expert, matrix): one LoRA gradient of one expert, summed over its pairs in order. The
+ * columns go in chunks whose r rows of G stay in L1 while every pair adds its rank-1 updates. */
+#define BG_CHUNK 256
 static void bg_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
@@ -509,20 +514,23 @@ static void bg_task(void *vj, int64_t task, int tid) {
     const int64_t n = which == 1 ? I : which == 2 ? 2 * I : H;
     float *G = (which == 0 ? a->grad_d_a : which == 1 ? a->grad_d_b : which == 2 ? a->grad_gu_a : a->grad_gu_b)
                + (size_t)(e * r * n);
-    float *h = j->scratch + (size_t)tid * j->scratch_floats;
+    (void)tid;
     memset(G, 0, sizeof(float) * (size_t)(r * n));
-    for (int32_t pos = j->offs[e]; pos < j->offs[e + 1]; pos++) {
-        const int64_t p = j->pairs[pos], t = p / a->k;
-        const float ws = a->topk_w[p] * a->lora_scale;
-        const float *c, *v;
-        float scale = a->lora_scale;
-        switch (which) {
-        case 0: c = j->td + p * r; v = j->act + t * H; scale = ws; break;          /* dA_d  */
-        case 1: h_row(j, p, h); c = j->ud + p * r; v = h; scale = ws; break;       /* dB_d  */
-        case 2: c = j->tg + p * r; v = j->dgu + p * 2 * I; break;                  /* dA_gu */
-        default: c = j->vg + p * r; v = j->xa + t * H; break;                      /* dB_gu */
+    for (int64_t c0 = 0; c0 < n; c0 += BG_CHUNK) {
+        const int64_t len = n - c0 < BG_CHUNK ? n - c0 : BG_CHUNK;
+        for (int32_t pos = j->offs[e]; pos < j->offs[e + 1]; pos++) {
+            const int64_t p = j->pairs[pos], t = p / a->k;
+            const float ws = a->topk_w[p] * a->lora_scale;
+            const float *c, *v;
+            float scale = a->lora_scale;
+            switch (which) {
+            case 0: c = j->td + p * r; v = j->act + t * H; scale = ws; break;    /* dA_d  */
+            case 1: c = j->ud + p * r; v = j->hb + p * I; scale = ws; break;     /* dB_d  */
+            case 2: c = j->tg + p * r; v = j->dgu + p * 2 * I; break;            /* dA_gu */
+            default: c = j->vg + p * r; v = j->xa + t * H; break;                /* dB_gu */
+            }
+            for (int64_t k = 0; k < r; k++) j->kern->axpy(scale * c[k], v + c0, G + k * n + c0, len);
         }
-        for (int64_t k = 0; k < r; k++) j->kern->axpy(scale * c[k], v, G + k * n, n);
     }
 }
 

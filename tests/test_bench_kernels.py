@@ -47,3 +47,17 @@ def test_config_rejects_bad_values_naming_them():
         bk.KernelBenchConfig(repeats=0)
     with pytest.raises(bk.BenchConfigError, match="unknown expert format 'fp8'"):
         bk.KernelBenchConfig(formats=("fp8",))
+
+
+def test_torch_lora_baseline_computes_the_same_layer_as_kt_sft():
+    """The LoRA baseline and kt_sft's LoRA rows time the same math: outputs agree (bf16 activations,
+    so within the bf16 mode's bound) -- and the option is validated."""
+    cfg = bk.KernelBenchConfig(quick=True, **{**bk.QUICK, "lora_rank": 4})
+    gate_up, down = bk.make_weights(cfg)
+    inp = bk.make_inputs(cfg, 16, "uniform")
+    base = bk.TorchLoraExperts(bk.build_baseline(cfg, gate_up, down), bk.make_lora(cfg), 2.0)
+    ours = bk._with_lora(bk.CPUExperts.from_tensors(gate_up, down, "bf16"), cfg)
+    a, b = base(inp["x"], inp["idx"], inp["w"]), ours(inp["x"], inp["idx"], inp["w"])
+    assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
+    with pytest.raises(bk.BenchConfigError, match="lora_rank"):
+        bk.KernelBenchConfig(lora_rank=-1)

@@ -338,3 +338,23 @@ def test_training_parity_with_hf_peft_target_parameters(tiny):
     print(f"[parity] losses kt {curves[0][0]:.4f} -> {curves[0][-1]:.4f}, max |diff| {max(diffs):.2e}")
     assert curves[0][-1] < curves[0][0] - 0.05  # it trains
     assert max(diffs) < 0.02, diffs
+
+
+def test_deepseek_v2_router_lora_trains(tiny):
+    """Upstream DeepseekV2Moe reads `self.gate.weight`, so PEFT's LoRA on the router (lora_target
+    `all` includes it) never trains there. kt_sft's model routes through the LoRA: the loss equals the
+    upstream model with the router's ΔW merged, and the router LoRA gets gradients."""
+    ours = get_peft_model(kt_model(tiny, "deepseek_v2"), LoraConfig(r=4, lora_alpha=8, target_modules=["gate"]))
+    randomize_lora(ours)
+    ref = hf_model_with_pack_experts(tiny, "deepseek_v2")
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if name.endswith("mlp.gate") and hasattr(module, "lora_A"):
+                merged = module.weight + module.get_delta_weight("default")
+                ref.get_submodule(name.removeprefix("base_model.model.")).weight.copy_(merged)
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
+    loss = ours(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert abs(loss.item() - ref(input_ids=ids, labels=ids).loss.item()) < 1e-5
+    grads = [p.grad for n, p in ours.named_parameters() if "mlp.gate.lora_B" in n]
+    assert grads and all(g is not None and g.abs().max() > 0 for g in grads)
