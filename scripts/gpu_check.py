@@ -2,7 +2,8 @@
 
 1. CPUExperts with CUDA inputs: results equal the CPU-input run (same C code, data through pinned
    host buffers), gradients land on the input's device; time of CUDA-input vs CPU-input calls.
-2. One training step of a tiny DeepSeek-V2 (random weights, built in-process) with the non-expert
+2. Expert LoRA with CUDA inputs: LoRA tensors stay on the CPU, results equal the CPU-input run.
+3. One training step of a tiny DeepSeek-V2 (random weights, built in-process) with the non-expert
    part on CUDA and the experts on the CPU: loss and gradients vs the all-CPU run; wall-time split
    between the experts (host) and the rest.
 Writes $OUT/gpu_check.json (or ./gpu_check.json). Needs torch with CUDA, transformers, the built
@@ -67,6 +68,40 @@ def check_experts(report):
     }
 
 
+def check_expert_lora(report):
+    """LoraCPUExperts inside a module moved to CUDA: the LoRA tensors stay fp32 on the CPU, CUDA inputs
+    give the CPU-input results, gradients land on the CPU parameters."""
+    from kt_sft.lora import LoraCPUExperts
+
+    torch.manual_seed(0)
+    e, h, inter, t, k = 16, 512, 256, 256, 4
+    ex = LoraCPUExperts.from_tensors(torch.randn(e, 2 * inter, h) * 0.02, torch.randn(e, h, inter) * 0.02,
+                                     format="bf16", compute_mode="f32")
+    ex.update_layer("default", 8, 16, 0.0, False, False)
+    with torch.no_grad():
+        for p in ex.parameters():
+            p.normal_(std=0.02)
+    holder = torch.nn.Sequential(torch.nn.Linear(h, h), ex).to(DEVICE)
+    idx = torch.argsort(torch.rand(t, e), dim=1)[:, :k].contiguous()
+    w, x, dy = torch.rand(t, k), torch.randn(t, h), torch.randn(t, h)
+
+    def run(device):
+        ex.zero_grad(set_to_none=True)
+        xx = x.to(device).requires_grad_(True)
+        y = ex(xx, idx.to(device), w.to(device))
+        y.backward(dy.to(device))
+        return y.detach().cpu(), xx.grad.cpu(), [p.grad.clone() for p in ex.parameters()]
+
+    y_c, dx_c, g_c = run("cpu")
+    y_g, dx_g, g_g = run(DEVICE)
+    report["expert_lora"] = {
+        "lora_params_on": sorted({str(p.device) for p in ex.parameters()}),
+        "linear_on": str(holder[0].weight.device),
+        "equal_to_cpu_run": bool(torch.equal(y_g, y_c) and torch.equal(dx_g, dx_c)
+                                 and all(torch.equal(a, b) for a, b in zip(g_g, g_c))),
+    }
+
+
 def check_training_step(report):
     from transformers import AutoModelForCausalLM, DeepseekV2Config
 
@@ -112,7 +147,7 @@ def main():
     report = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": DEVICE,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "engine": kt_sft.engine_info()}
-    for check in (check_experts, check_training_step):
+    for check in (check_experts, check_expert_lora, check_training_step):
         try:
             check(report)
         except Exception as exc:  # report and go on: one run of this script is all the GPU time there is
