@@ -7,6 +7,7 @@
                                      a kt_sft model (+ LoRA adapter) -> one merged Hugging Face checkpoint
     kt-sft verify DIR                check every tensor of a converted model's expert pack
     kt-sft bench kernels [options]   time one experts layer, kt_sft against transformers
+    kt-sft bench compare [options]   one LoRA SFT job: kt_sft vs plain HF vs ZeRO-Offload, side by side
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def _bench_kernels(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     try:
         bench_kernels.run(args)
     except bench_kernels.BenchConfigError as exc:
+        parser.error(str(exc))
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from kt_sft import compare
+
+    try:
+        compare.run(compare.config_from_args(args))
+    except compare.CompareConfigError as exc:
         parser.error(str(exc))
     return 0
 
@@ -121,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=bench_kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_kernels.add_arguments(kernels)
     kernels.set_defaults(handler=_bench_kernels, command_parser=kernels)
+    from kt_sft import compare
+
+    comp = suites.add_parser(
+        "compare", help="one LLaMA-Factory LoRA SFT job: kt_sft vs plain HF vs DeepSpeed ZeRO-Offload",
+        description=compare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_arguments(comp)
+    comp.set_defaults(handler=_bench_compare, command_parser=comp)
     return parser
 
 

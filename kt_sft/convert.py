@@ -120,14 +120,28 @@ def _is_expert_tensor(arch: MoEArch, name: str) -> bool:
     return re.search(rf"\.{re.escape(arch.disk_prefix)}\.experts\.", name) is not None
 
 
+def publish_dir(tmp: Path, out: Path, report_name: str, report: dict) -> dict:
+    """The last step of an atomic directory write: the report goes into `tmp`, then `tmp` replaces
+    `out`. Returns the report."""
+    (tmp / report_name).write_text(json.dumps(report, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return report
+
+
 def _check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
 
 
 def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: str = "int8", force: bool = False,
-            progress: bool = True, settings: KtSettings | None = None) -> dict:
-    """Converts `model_dir` into `out_dir`; returns a report (also written as kt_sft_convert.json)."""
+            progress: bool = True, settings: KtSettings | None = None, index: TensorIndex | None = None) -> dict:
+    """Converts `model_dir` into `out_dir`; returns a report (also written as kt_sft_convert.json).
+
+    `index` replaces the safetensors shards as the tensor source (anything with TensorIndex's `where`,
+    `in`, `get` and `get_float`; kt_sft.shaped_models feeds random weights this way); `model_dir` then
+    only supplies config.json and the tokenizer files."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -138,7 +152,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
     config = json.loads((src / "config.json").read_text())
     arch = arch_for(config)
     _check_out_dir(out, force)
-    index = TensorIndex(src)
+    index = TensorIndex(src) if index is None else index
     num_experts, inter = arch.num_experts(config), arch.intermediate_size(config)
     hidden = int(config["hidden_size"])
     layers = _moe_layers(arch, index, int(config["num_hidden_layers"]))
@@ -239,11 +253,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # VmHWM
             "fp8_dequantized": dropped_fp8,
         }
-        (tmp / "kt_sft_convert.json").write_text(json.dumps(report, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return report
+        return publish_dir(tmp, out, "kt_sft_convert.json", report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -54,10 +54,11 @@ def usable_cpus() -> int | None:
         return os.cpu_count()
 
 
-def versions() -> dict[str, str | None]:
-    """Installed versions read from package metadata (no heavy imports), plus Python's."""
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Installed versions read from package metadata (no heavy imports), plus Python's; `extra` names more
+    packages (a benchmark's own stack)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
+    for name in (*_VERSIONED_PACKAGES, *extra):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kt_sft.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir
+from kt_sft.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir, publish_dir
 from kt_sft.loading import MODELING_FILE
 from kt_sft.models import ARCHS
 from kt_sft.settings import KtSettings
@@ -296,11 +296,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapter_dir
             "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # VmHWM
         }
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-        return report
+        return publish_dir(tmp, out, REPORT_NAME, report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
