@@ -29,3 +29,21 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     a, ref = a.detach().double(), ref.detach().double()
     denom = ref.norm()
     return float((a - ref).norm() / denom) if denom > 0 else float((a - ref).norm())
+
+
+def reference_with_pack_experts(model_dir, kt_dir):
+    """The upstream fp32 model, its experts replaced by the pack's dequantized weights (the values
+    the kernels multiply by)."""
+    from transformers import AutoModelForCausalLM
+
+    from kt_sft.functional import dequantize_experts
+    from kt_sft.pack_file import PackFile
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    pack = PackFile(kt_dir / "experts.ktpack")
+    with torch.no_grad():
+        for layer in pack.layers:
+            gu, dn = dequantize_experts(pack.layer(layer))
+            model.model.layers[layer].mlp.experts.gate_up_proj.copy_(gu)
+            model.model.layers[layer].mlp.experts.down_proj.copy_(dn)
+    return model

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import reference_with_pack_experts
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -21,19 +22,6 @@ def fixtures(tmp_path_factory):
     out = tmp_path_factory.mktemp("fixtures")
     build_fixtures(out, log=None)
     return out
-
-
-def reference_with_pack_experts(model_dir, kt_dir):
-    """The upstream model, its experts replaced by the pack's dequantized weights."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    pack = PackFile(kt_dir / "experts.ktpack")
-    for layer in pack.layers:
-        experts = model.model.layers[layer].mlp.experts
-        gu, dn = Fn.dequantize_experts(pack.layer(layer))
-        with torch.no_grad():
-            experts.gate_up_proj.copy_(gu)
-            experts.down_proj.copy_(dn)
-    return model
 
 
 def forward_backward(model, ids):

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import distinct_routing, random_experts, rel_err, skewed_routing
+from helpers import distinct_routing, random_experts, reference_with_pack_experts, rel_err, skewed_routing
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +18,6 @@ from kt_sft.convert import convert
 from kt_sft.fixtures import build_fixtures
 from kt_sft.formats import ComputeMode, Format
 from kt_sft.lora import EXPERT_TARGET_PARAMETERS, PEFT_KEYS, LoraCPUExperts, delta_weight
-from kt_sft.pack_file import PackFile
 
 # Relative error (Frobenius) vs float64 on the dequantized weights, by compute mode (as the base layer).
 LORA_REL_ERR = {ComputeMode.F32: 1e-4, ComputeMode.BF16: 1e-2}
@@ -186,15 +185,7 @@ def kt_model(tiny, arch="qwen3_moe"):
 
 
 def hf_model_with_pack_experts(tiny, arch="qwen3_moe"):
-    """The upstream model whose experts hold the pack's dequantized weights (the kernels' values)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny / "fx" / "models" / arch, dtype=torch.float32)
-    pack = PackFile(tiny / f"kt-{arch}" / "experts.ktpack")
-    with torch.no_grad():
-        for layer in pack.layers:
-            gu, dn = Fn.dequantize_experts(pack.layer(layer))
-            model.model.layers[layer].mlp.experts.gate_up_proj.copy_(gu)
-            model.model.layers[layer].mlp.experts.down_proj.copy_(dn)
-    return model
+    return reference_with_pack_experts(tiny / "fx" / "models" / arch, tiny / f"kt-{arch}")
 
 
 def randomize_lora(model, seed=0):
