@@ -26,7 +26,7 @@ def _doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _bench_kernels(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kt_sft import bench_kernels
+    from kt_sft.bench import bench_kernels
 
     try:
         bench_kernels.run(args)
@@ -36,7 +36,7 @@ def _bench_kernels(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _bench_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kt_sft import compare
+    from kt_sft.bench import compare
 
     try:
         compare.run(compare.config_from_args(args))
@@ -46,7 +46,7 @@ def _bench_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
 
 def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kt_sft.convert import convert
+    from kt_sft.integration.convert import convert
 
     try:
         report = convert(args.model, args.out, args.format, force=args.force, progress=not args.quiet)
@@ -62,7 +62,7 @@ def _convert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from kt_sft import export
+    from kt_sft.integration import export
 
     try:
         r = export.export(args.model, args.out, args.adapter, args.dtype, force=args.force, progress=not args.quiet)
@@ -79,7 +79,7 @@ def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import json as _json
     from pathlib import Path
 
-    from kt_sft.pack_file import PACK_NAME, PackFile
+    from kt_sft.engine.pack_file import PACK_NAME, PackFile
 
     path = Path(args.path)
     if path.is_dir():
@@ -95,7 +95,7 @@ def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kt_sft import bench_kernels
+    from kt_sft.bench import bench_kernels
 
     parser = argparse.ArgumentParser(prog="kt-sft", description="Fine-tune MoE models with CPU-resident quantized experts.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=bench_kernels.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench_kernels.add_arguments(kernels)
     kernels.set_defaults(handler=_bench_kernels, command_parser=kernels)
-    from kt_sft import compare
+    from kt_sft.bench import compare
 
     comp = suites.add_parser(
         "compare", help="one LLaMA-Factory LoRA SFT job: kt_sft vs plain HF vs DeepSpeed ZeRO-Offload",

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kt_sft import _native
+from kt_sft.engine import _native
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _VERSIONED_PACKAGES = ("kt_sft", "torch", "transformers", "cffi", "numpy", "tqdm")

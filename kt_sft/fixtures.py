@@ -166,7 +166,7 @@ def tokenizer_corpus(seed: int = 0, n_examples: int = 4000) -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024, seed: int = 0, corpus: Iterable[str] | None = None):
     """Byte-level BPE trained on :func:`tokenizer_corpus` (plus `corpus`, e.g. real instruction data for
-    kt_sft.shaped_models), wrapped as a `PreTrainedTokenizerFast`.
+    kt_sft.bench.shaped_models), wrapped as a `PreTrainedTokenizerFast`.
 
     eos = ``<|im_end|>`` (ends an assistant turn, so generation stops there), pad = ``<|endoftext|>``,
     no bos. Every byte is in the base alphabet, so any text round-trips.

@@ -1,12 +1,12 @@
 """RAM / disk / GPU estimates for real MoE models (the numbers in the yaml_configs/ headers, the recipes'
-checks and the shaped random checkpoints of kt_sft.shaped_models).
+checks and the shaped random checkpoints of kt_sft.bench.shaped_models).
 
     .venv/bin/python scripts/estimate_moe_memory.py [--json OUT.json]
 
 Parameter counts are exact for the transformers 5.6 classes: each model is built on the meta device
 from the public config.json values below (no download) and its parameters are counted, split into
 routed experts (`mlp.experts.*`, served by kt_sft from the pack) and everything else. Pack bytes come
-from kt_sft.formats.matrix_bytes (the layout `kt-sft convert` writes). The GPU column is an estimate
+from kt_sft.engine.formats.matrix_bytes (the layout `kt-sft convert` writes). The GPU column is an estimate
 for LoRA in bf16 with gradient checkpointing, batch 1 (see `gpu_estimate`); `host_estimate` is the
 host RAM of a kt_sft run.
 """
@@ -19,7 +19,7 @@ import json
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kt_sft.formats import Format, matrix_bytes
+from kt_sft.engine.formats import Format, matrix_bytes
 
 GB = 1e9
 

@@ -71,7 +71,7 @@ def check_experts(report):
 def check_expert_lora(report):
     """LoraCPUExperts inside a module moved to CUDA: the LoRA tensors stay fp32 on the CPU, CUDA inputs
     give the CPU-input results, gradients land on the CPU parameters."""
-    from kt_sft.lora import LoraCPUExperts
+    from kt_sft.integration.peft_lora import LoraCPUExperts
 
     torch.manual_seed(0)
     e, h, inter, t, k = 16, 512, 256, 256, 4

@@ -1,4 +1,4 @@
-"""Write a random-weight checkpoint with a real model's shapes (see kt_sft/shaped_models.py).
+"""Write a random-weight checkpoint with a real model's shapes (see kt_sft/bench/shaped_models.py).
 
     .venv/bin/python scripts/make_shaped_model.py --list
     .venv/bin/python scripts/make_shaped_model.py --shape deepseek_v2_lite_mini --out runs/shaped/dsv2-mini-hf
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kt_sft import shaped_models as sm
+from kt_sft.bench import shaped_models as sm
 
 
 def main(argv=None) -> int:

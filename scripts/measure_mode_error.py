@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from kt_sft import CPUExperts
-from kt_sft import reference as R
+from kt_sft.engine import reference as R
 
 
 def rel(a, b):

@@ -36,8 +36,8 @@ def reference_with_pack_experts(model_dir, kt_dir):
     the kernels multiply by)."""
     from transformers import AutoModelForCausalLM
 
-    from kt_sft.functional import dequantize_experts
-    from kt_sft.pack_file import PackFile
+    from kt_sft.engine.functional import dequantize_experts
+    from kt_sft.engine.pack_file import PackFile
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     pack = PackFile(kt_dir / "experts.ktpack")

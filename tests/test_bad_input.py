@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from helpers import distinct_routing, random_experts
 
 from kt_sft import CPUExperts
-from kt_sft.formats import ComputeMode
-
-from helpers import distinct_routing, random_experts
+from kt_sft.engine.formats import ComputeMode
 
 
 @pytest.fixture

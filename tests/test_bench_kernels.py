@@ -5,7 +5,7 @@ import argparse
 import pytest
 import torch
 
-from kt_sft import bench_kernels as bk
+from kt_sft.bench import bench_kernels as bk
 
 
 def test_uniform_routing_is_distinct_per_token():

@@ -1,5 +1,5 @@
-"""`kt-sft bench compare` (kt_sft/compare.py, compare_worker.py, compare_plots.py), the shaped random
-checkpoints (kt_sft/shaped_models.py) and the recipes' checks (kt_sft/recipes.py).
+"""`kt-sft bench compare` (kt_sft/bench/compare.py, compare_worker.py, compare_plots.py), the shaped random
+checkpoints (kt_sft/bench/shaped_models.py) and the recipes' checks (kt_sft/recipes.py).
 
 The end-to-end runs use the fixtures' tiny DeepSeek-V2 with the --quick settings: kt_sft and plain modes
 in CI (~1 min), the DeepSpeed modes and the expert-LoRA comparison `slow`."""
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kt_sft import compare, recipes
-from kt_sft import shaped_models as sm
-from kt_sft.compare_worker import CATEGORIES, _ModuleClock
+from kt_sft import recipes
+from kt_sft.bench import compare
+from kt_sft.bench import shaped_models as sm
+from kt_sft.bench.compare_worker import CATEGORIES, _ModuleClock
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_LF = shutil.which("llamafactory-cli", path=str(Path(sys.executable).parent)) is not None
@@ -239,8 +240,8 @@ def test_quick_run_every_mode(tmp_path):
 @needs_lf
 @pytest.mark.slow
 def test_quick_run_expert_lora(tmp_path):
-    """The second comparison: needs kt_sft's expert LoRA (kt_sft/lora.py, issue #6)."""
-    if not (ROOT / "kt_sft" / "lora.py").exists():
+    """The second comparison: needs kt_sft's expert LoRA (kt_sft/integration/peft_lora.py, issue #6)."""
+    if not (ROOT / "kt_sft" / "integration" / "peft_lora.py").exists():
         pytest.skip("kt_sft expert LoRA (issue #6) is not there yet")
     modes = ("kt_int8", "plain_eager")
     summary, out = _quick(tmp_path, modes, expert_lora=True)
@@ -271,8 +272,8 @@ def test_write_hf_loads_and_write_kt_equals_converting_it(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from kt_sft import fixtures
-    from kt_sft.convert import convert
-    from kt_sft.pack_file import PackFile
+    from kt_sft.engine.pack_file import PackFile
+    from kt_sft.integration.convert import convert
 
     tok = fixtures.build_tokenizer(300)
     config = fixtures.tiny_config("deepseek_v2", len(tok), tok.pad_token_id, tok.eos_token_id).to_dict()
@@ -295,7 +296,7 @@ def test_sparse_experts_take_no_disk(tmp_path):
     config = fixtures.tiny_config("qwen3_moe", len(tok), tok.pad_token_id, tok.eos_token_id).to_dict()
     sm.write_hf(config, tmp_path / "hf", tok, sparse_experts=True, progress=False)
     ckpt = sm.RandomCheckpoint(config)
-    from kt_sft.convert import TensorIndex
+    from kt_sft.integration.convert import TensorIndex
 
     index = TensorIndex(tmp_path / "hf")
     name = min(ckpt.expert_names)

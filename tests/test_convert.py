@@ -10,11 +10,12 @@ from helpers import reference_with_pack_experts
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from kt_sft import functional as Fn
-from kt_sft.convert import convert, fp8_dequantize
-from kt_sft.experts import CPUExperts
+from kt_sft.engine import functional as Fn
+from kt_sft.engine.experts import CPUExperts
+from kt_sft.engine.pack_file import PackFile
 from kt_sft.fixtures import ARCHS, build_fixtures
-from kt_sft.pack_file import PackFile
+from kt_sft.integration.convert import convert, fp8_dequantize
+from kt_sft.integration.loading import MODELING_FILE, kt_causal_lm_class
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_truncated_shard_and_mismatched_pack(fixtures, tmp_path):
 
 
 def test_settings_block_and_environment(fixtures, tmp_path, monkeypatch):
-    from kt_sft.settings import KtSettings
+    from kt_sft.integration.settings import KtSettings
 
     s = KtSettings.from_config({"compute_mode": "bf16", "num_threads": 2}, environ={"KT_SFT_COMPUTE_MODE": "f32"})
     assert s.compute_mode == "f32" and s.num_threads == 2 and s.checkpoint_cache
@@ -220,3 +221,27 @@ def test_kimi_k2_converts_as_deepseek_v3(fixtures, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "kt", trust_remote_code=True)
     assert type(model).__mro__[1].__name__ == "DeepseekV3ForCausalLM"
     model(torch.tensor([[1, 2, 3]]))
+
+
+# modeling_kt_sft.py exactly as `kt-sft convert` wrote it before the package got its engine /
+# integration / bench wings (commit 1c5a9c2). Directories converted then hold this file; their import
+# path, kt_sft.loading, must keep working.
+MODELING_FILE_BEFORE_THE_WINGS = '''"""Written by `kt-sft convert`: the upstream Qwen3MoeForCausalLM with its routed
+experts served by kt_sft from this directory's expert pack. Needs `pip install kt_sft`."""
+
+from kt_sft.loading import kt_causal_lm_class
+
+KtSftForCausalLM = kt_causal_lm_class("qwen3_moe")
+'''
+
+
+def test_directory_converted_before_the_wings_loads(fixtures, tmp_path):
+    convert(fixtures / "models" / "qwen3_moe", tmp_path / "kt", "bf16", progress=False)
+    modeling = tmp_path / "kt" / MODELING_FILE
+    assert modeling.read_text() == MODELING_FILE_BEFORE_THE_WINGS  # and converts still write the same file
+    modeling.write_text(MODELING_FILE_BEFORE_THE_WINGS)
+    kt = AutoModelForCausalLM.from_pretrained(tmp_path / "kt", trust_remote_code=True, dtype=torch.float32)
+    assert type(kt) is kt_causal_lm_class("qwen3_moe")
+    assert any(isinstance(m, CPUExperts) for m in kt.modules())
+    ids = torch.randint(0, 1000, (1, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(kt(ids).logits).all()

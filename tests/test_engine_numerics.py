@@ -3,13 +3,12 @@ arithmetic are checked, not quantization), outputs and both gradients, every for
 
 import pytest
 import torch
+from helpers import distinct_routing, random_experts, rel_err, skewed_routing
 
 import kt_sft
 from kt_sft import CPUExperts
-from kt_sft import reference as R
-from kt_sft.formats import ComputeMode, Format
-
-from helpers import distinct_routing, random_experts, rel_err, skewed_routing
+from kt_sft.engine import reference as R
+from kt_sft.engine.formats import ComputeMode, Format
 
 # Relative error (Frobenius) allowed vs the float64 reference, by compute mode.
 KERNEL_REL_ERR = {ComputeMode.F32: 1e-4, ComputeMode.BF16: 1e-2}
@@ -185,19 +184,20 @@ def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
     """The chosen SIMD path is checked against scalar before first use; a path that disagrees is
     replaced by scalar with a warning (simulated here by a corrupted comparison)."""
     from kt_sft import engine
+    from kt_sft.engine import functional as Fn
 
     paths = engine.available_kernel_paths()
     if len(paths) < 2:
         pytest.skip("only the scalar path is available here")
     best = paths[-1]
     engine.set_kernel_path(best)
-    engine._VERIFIED.discard(engine.KERNEL_PATHS[best])
-    engine.verify_kernel_path()  # a correct path: no warning, stays selected
+    Fn._VERIFIED.discard(engine.KERNEL_PATHS[best])
+    Fn.verify_kernel_path()  # a correct path: no warning, stays selected
     assert engine.kernel_path() == best
 
-    engine._VERIFIED.discard(engine.KERNEL_PATHS[best])
-    monkeypatch.setattr(engine, "SELF_CHECK_REL_ERR", {"f32": -1.0, "bf16": -1.0, "int8": -1.0})  # any difference is wrong
+    Fn._VERIFIED.discard(engine.KERNEL_PATHS[best])
+    monkeypatch.setattr(Fn, "SELF_CHECK_REL_ERR", {"f32": -1.0, "bf16": -1.0, "int8": -1.0})  # any difference is wrong
     with pytest.warns(RuntimeWarning, match="disagrees with the scalar reference"):
-        engine.verify_kernel_path()
+        Fn.verify_kernel_path()
     assert engine.kernel_path() == "scalar"
     engine.set_kernel_path(best)

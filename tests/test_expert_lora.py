@@ -12,12 +12,13 @@ from helpers import distinct_routing, random_experts, reference_with_pack_expert
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from kt_sft import functional as Fn
-from kt_sft import reference as R
-from kt_sft.convert import convert
+from kt_sft.engine import functional as Fn
+from kt_sft.engine import reference as R
+from kt_sft.engine.expert_lora import delta_weight
+from kt_sft.engine.formats import ComputeMode, Format
 from kt_sft.fixtures import build_fixtures
-from kt_sft.formats import ComputeMode, Format
-from kt_sft.lora import EXPERT_TARGET_PARAMETERS, PEFT_KEYS, LoraCPUExperts, delta_weight
+from kt_sft.integration.convert import convert
+from kt_sft.integration.peft_lora import EXPERT_TARGET_PARAMETERS, PEFT_KEYS, LoraCPUExperts
 
 # Relative error (Frobenius) vs float64 on the dequantized weights, by compute mode (as the base layer).
 LORA_REL_ERR = {ComputeMode.F32: 1e-4, ComputeMode.BF16: 1e-2}
@@ -149,7 +150,7 @@ def test_functional_rejects_mismatched_lora():
     bad_dtype = Fn.ExpertLora(good[0].double(), *good[1:], scale=1.0)
     with pytest.raises(TypeError, match="float32 CPU"):
         Fn.validate_lora(packed, bad_dtype)
-    from kt_sft.autograd import cpu_experts
+    from kt_sft.engine.autograd import cpu_experts
 
     with pytest.raises(ValueError, match="gu_b"):
         cpu_experts(x, idx, w, packed, ComputeMode.F32, lora=Fn.ExpertLora(good[0], good[0][:, :, :5], *good[2:], 1.0))

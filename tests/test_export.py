@@ -20,9 +20,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from kt_sft import cli
-from kt_sft import export as kt_export
-from kt_sft.convert import convert
 from kt_sft.fixtures import build_fixtures
+from kt_sft.integration import export as kt_export
+from kt_sft.integration.convert import convert
 
 pytestmark = pytest.mark.filterwarnings("ignore:target_parameters=.*no parameter was matched:RuntimeWarning")
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kt_sft import functional as Fn
-from kt_sft import reference as R
-from kt_sft._native import ffi, lib
-from kt_sft.formats import TRAITS, Format, matrix_bytes, padded_k
+from kt_sft.engine import functional as Fn
+from kt_sft.engine import reference as R
+from kt_sft.engine._native import ffi, lib
+from kt_sft.engine.formats import TRAITS, Format, matrix_bytes, padded_k
 
 # Relative Frobenius error of the dequantized weights vs the originals, Gaussian weights
 # (documented in docs/formats.md). Measured: bf16 1.7e-3, int8 6e-3..8.3e-3, int4 8.6e-2.

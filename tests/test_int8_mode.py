@@ -3,12 +3,11 @@ float64 products), and within a named bound of the float64 reference without act
 
 import pytest
 import torch
+from helpers import distinct_routing, random_experts, rel_err, skewed_routing
 
 from kt_sft import CPUExperts
-from kt_sft import reference as R
-from kt_sft.formats import ComputeMode, Format
-
-from helpers import distinct_routing, random_experts, rel_err, skewed_routing
+from kt_sft.engine import reference as R
+from kt_sft.engine.formats import ComputeMode, Format
 
 # vs the twin: only fp32 rounding in sums and scale products (measured ~1e-7), plus rare one-quantum
 # flips where the engine's fp32 h and the twin's float64 h straddle a rounding boundary.

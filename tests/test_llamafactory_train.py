@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kt_sft.convert import convert
 from kt_sft.fixtures import build_fixtures
+from kt_sft.integration.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 KT_YAML = ROOT / "yaml_configs" / "tiny_qwen3_moe_kt.yaml"

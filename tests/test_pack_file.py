@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import distinct_routing, random_experts
 
 from kt_sft import CPUExperts
-from kt_sft import functional as Fn
-from kt_sft.pack_file import PackFile, PackWriter
-
-from helpers import distinct_routing, random_experts
+from kt_sft.engine import functional as Fn
+from kt_sft.engine.pack_file import PackFile, PackWriter
 
 
 def write_pack(path, fmt, layers, e=4, h=40, inter=24):

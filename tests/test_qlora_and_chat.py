@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kt_sft.convert import convert
 from kt_sft.fixtures import build_fixtures
+from kt_sft.integration.convert import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_YAML = ROOT / "yaml_configs" / "tiny_qwen3_moe_kt_qlora.yaml"
@@ -88,7 +88,7 @@ def _load_like_llamafactory(work: Path, arch: str, tmp_path: Path):
 def test_qlora_non_expert_linears_are_4bit(work, tmp_path):
     import bitsandbytes as bnb
 
-    from kt_sft.experts import CPUExperts
+    from kt_sft.engine.experts import CPUExperts
 
     model = _load_like_llamafactory(work, "qwen3_moe", tmp_path)
     lora_wrapped = {n: m for n, m in model.named_modules()

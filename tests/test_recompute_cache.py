@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kt_sft import recompute_cache
-from kt_sft.convert import convert
-from kt_sft.experts import CPUExperts
+from kt_sft.engine import recompute_cache
+from kt_sft.engine.experts import CPUExperts
 from kt_sft.fixtures import build_fixtures
+from kt_sft.integration.convert import convert
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,7 @@ def test_real_model_yaml_runs_on_its_tiny_twin(path, tmp_path):
     """Every key of a real-model YAML goes through the real CLI: 3 steps on the tiny converted model of the
     same family, with only the size-, data- and device-dependent keys overridden (~13 s each)."""
     pytest.importorskip("llamafactory")
-    from kt_sft.convert import convert
+    from kt_sft.integration.convert import convert
 
     cli = shutil.which("llamafactory-cli", path=str(Path(sys.executable).parent))
     if cli is None:

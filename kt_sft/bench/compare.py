@@ -30,7 +30,7 @@ Definitions (also in every summary JSON):
 `--memory-cap-gib` runs every mode in its own memory cgroup (v1 or v2, page cache included) so a run
 that does not fit is OOM-killed and recorded instead of taking the machine down; without cgroups,
 non-kt_sft modes get an address-space rlimit (it would break kt_sft's memory-mapped pack). Every run
-also has a timeout. One JSON per run plus `summary.json` / `summary.md`; plots: kt_sft.compare_plots.
+also has a timeout. One JSON per run plus `summary.json` / `summary.md`; plots: kt_sft.bench.compare_plots.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from kt_sft import environment
 
 SCHEMA_RUN = "kt_sft.bench.compare.run/1"
 SCHEMA_SUMMARY = "kt_sft.bench.compare.summary/1"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: kt_sft/bench/compare.py
 DS_CONFIGS = {"zero2_offload": ROOT / "yaml_configs" / "deepspeed" / "ds_z2_offload_config.json",
               "zero3_offload": ROOT / "yaml_configs" / "deepspeed" / "ds_z3_offload_config.json"}
 MODES = ("kt_int8", "kt_bf16", "plain_default", "plain_eager", "zero2_offload", "zero3_offload")
@@ -97,7 +97,7 @@ def _help(text: str, **kw):
 
 @dataclass
 class CompareConfig:
-    shape: str = _help("model shape for the generated checkpoint (kt_sft.shaped_models.SHAPES); 'tiny' = the "
+    shape: str = _help("model shape for the generated checkpoint (kt_sft.bench.shaped_models.SHAPES); 'tiny' = the "
                        "fixtures' tiny DeepSeek-V2", default="deepseek_v2_lite_mini")
     hf_model: str | None = _help("an existing Hugging Face model directory to use instead of generating one",
                                  default=None)
@@ -141,7 +141,7 @@ class CompareConfig:
         if self.memory_cap_gib is not None and self.memory_cap_gib <= 0:
             raise CompareConfigError(f"`memory_cap_gib` must be positive, got {self.memory_cap_gib}")
         if self.shape != "tiny":
-            from kt_sft.shaped_models import SHAPES
+            from kt_sft.bench.shaped_models import SHAPES
 
             if self.shape not in SHAPES:
                 raise CompareConfigError(f"unknown shape {self.shape!r}; known: tiny, {', '.join(SHAPES)}")
@@ -162,7 +162,7 @@ def prepare_data(cfg: CompareConfig, work: Path) -> dict:
     """dataset_dir / dataset / template for LLaMA-Factory: the alpaca JSON copied next to a
     dataset_info.json, or the fixtures' tiny tasks when no alpaca file is there."""
     from kt_sft import fixtures
-    from kt_sft.shaped_models import DEFAULT_DATA
+    from kt_sft.bench.shaped_models import DEFAULT_DATA
 
     src = Path(cfg.data) if cfg.data else DEFAULT_DATA / "alpaca_en_demo.json"
     data_dir = work / "data"
@@ -189,7 +189,7 @@ def prepare_hf_model(cfg: CompareConfig, work: Path, data_source: str) -> Path:
 
         fixtures.build_fixtures(work / "fixtures", archs=["deepseek_v2"], log=None)
         return work / "fixtures" / "models" / "deepseek_v2"
-    from kt_sft import shaped_models as sm
+    from kt_sft.bench import shaped_models as sm
 
     path = work / "models" / f"{cfg.shape}-hf"
     if not (path / "shaped_model.json").is_file():
@@ -236,7 +236,7 @@ def prepare_kt_model(cfg: CompareConfig, hf: Path, work: Path, fmt: str) -> Path
     out = work / "models" / f"{hf.name}-kt-{fmt}"
     report = out / "kt_sft_convert.json"
     if not (report.is_file() and json.loads(report.read_text()).get("model_dir") == str(hf)):
-        from kt_sft.convert import convert
+        from kt_sft.integration.convert import convert
 
         _say(f"converting {hf} -> {out} ({fmt})")
         convert(hf, out, fmt, force=True, progress=False)
@@ -413,10 +413,10 @@ def run_mode(cfg: CompareConfig, mode: str, model: Path, data: dict, out_dir: Pa
     bindir = Path(sys.executable).parent
     if mode in DS_CONFIGS:
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"  # DeepSpeed's JIT builds find ninja here
-        cmd = [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "kt_sft.compare_worker",
+        cmd = [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "kt_sft.bench.compare_worker",
                str(run_dir / "spec.json")]
     else:
-        cmd = [sys.executable, "-m", "kt_sft.compare_worker", str(run_dir / "spec.json")]
+        cmd = [sys.executable, "-m", "kt_sft.bench.compare_worker", str(run_dir / "spec.json")]
     cap_bytes = int(cfg.memory_cap_gib * 2**30) if cfg.memory_cap_gib else None
     cap = MemoryCap(cap_bytes, mode, allow_rlimit=not mode.startswith("kt_"))
     if cap.kind.startswith("cgroup"):
@@ -631,7 +631,7 @@ def run(cfg: CompareConfig) -> dict:
     (out_dir / "summary.md").write_text(table + "\n")
     print(table)
     try:
-        from kt_sft.compare_plots import make_plots
+        from kt_sft.bench.compare_plots import make_plots
 
         summary["plots"] = [str(p) for p in make_plots(out_dir, cfg.plots_dir)]
     except ImportError as exc:  # matplotlib is an optional extra

@@ -2,18 +2,20 @@
 
 Every tensor that reaches C is checked here first (dtype, shape, device, contiguity, index range),
 so no C function sees unchecked input. Inputs must already be on the CPU; the autograd layer moves
-CUDA tensors through pinned buffers.
+CUDA tensors through pinned buffers. The first op on a SIMD kernel path checks it against the
+scalar path (verify_kernel_path, at the end).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from kt_sft import _native, engine
-from kt_sft._native import ffi, lib
-from kt_sft.formats import COMPUTE_MODE_C_ID, TRAITS, ComputeMode, Format, matrix_bytes
+from kt_sft.engine import _native, runtime
+from kt_sft.engine._native import ffi, lib
+from kt_sft.engine.formats import COMPUTE_MODE_C_ID, TRAITS, ComputeMode, Format, matrix_bytes
 
 _ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1}  # KT_DTYPE_*
 
@@ -41,7 +43,7 @@ class ExpertLora:
     CPU, (E, r, n) each. B maps a product's input to rank r, A maps rank r to its output:
         gate_up:  gu += scale * A_gu[e]^T (B_gu[e] x)      gu_b (E, r, H),  gu_a (E, r, 2I)
         down:     out += scale * A_d[e]^T (B_d[e] h)       d_b  (E, r, I),  d_a  (E, r, H)
-    kt_sft/lora.py builds this from PEFT's tensors (lora_A.weight is A viewed (E, r, N) as is;
+    kt_sft/engine/expert_lora.py builds this from PEFT's tensors (lora_A.weight is A viewed (E, r, N) as is;
     lora_B.weight (K, r*E) is B with the expert fastest, permuted)."""
 
     gu_a: torch.Tensor
@@ -237,7 +239,7 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
     """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
     pre-activations the backward needs. CPU tensors only; validated by validate_routing (and
     validate_lora for `lora`)."""
-    engine.verify_kernel_path()
+    verify_kernel_path()
     _check_mode(packed, mode)
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
@@ -290,3 +292,58 @@ def moe_backward(packed: PackedExperts, dy: torch.Tensor, top_k_index: torch.Ten
         a.grad_gu_a, a.grad_gu_b, a.grad_d_a, a.grad_d_b = (_ptr(g, "float *") for g in grads)
     _native.check(lib.kt_moe_backward(a), "kt_moe_backward")
     return dx, dw, grads
+
+
+# ---- kernel self-check ------------------------------------------------------------------------
+
+_VERIFIED: set[int] = set()
+# Same inputs and mode: only the summation order differs between paths. In the bf16 and int8 modes
+# that order can flip a rounding of h or of the gradients (one bf16 ulp, one int8 quantum), which
+# the later products carry; measured on avx2 vs scalar: f32 3.4e-7, bf16 1.5e-4, int8 2.2e-7.
+# A real kernel bug (indexing, a missed tail) is an O(1) error.
+SELF_CHECK_REL_ERR = {"f32": 1e-4, "bf16": 2e-3, "int8": 2e-3}
+
+
+def verify_kernel_path() -> None:
+    """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
+    on a small random layer (every format and compute mode, few and many tokens per expert, forward
+    and backward, with expert LoRA).
+    A path that does not, on this CPU, is dropped for the scalar one with a warning: a wrong kernel
+    costs a clear message and speed, never silently wrong numbers. Runs once per path (~10 ms)."""
+    isa = lib.kt_current_isa()
+    if isa == runtime.KERNEL_PATHS["scalar"] or isa in _VERIFIED:
+        return
+    _VERIFIED.add(isa)
+    gen = torch.Generator().manual_seed(0)
+    worst = {}  # mode -> worst relative error
+    cases = [(f, m) for f in ("bf16", "int8", "int4") for m in (ComputeMode.F32, ComputeMode.BF16)]
+    cases += [("int8", ComputeMode.INT8), ("int4", ComputeMode.INT8)]
+    for fmt, mode in cases:
+        packed = pack_experts(torch.randn(4, 2 * 24, 70, generator=gen), torch.randn(4, 70, 24, generator=gen), fmt)
+        for t in (5, 61):
+            x = torch.randn(t, 70, generator=gen)
+            idx = torch.argsort(torch.rand(t, 4, generator=gen), dim=1)[:, :2].contiguous()
+            w = torch.rand(t, 2, generator=gen)
+            dy = torch.randn(t, 70, generator=gen)
+            lora = ExpertLora(*(torch.randn(4, 3, n, generator=gen) for n in (48, 70, 70, 24)), scale=0.5)
+            outs = []
+            for path in (isa, runtime.KERNEL_PATHS["scalar"]):
+                _native.check(lib.kt_select_isa(path), "kt_select_isa")
+                y, gu = moe_forward(packed, x, idx, w, mode, lora=lora)
+                dx, dw, grads = moe_backward(packed, dy, idx, w, gu, mode, x=x, lora=lora)
+                outs.append((y, dx, dw, *grads))
+            for fast, ref in zip(*outs):
+                err = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
+                worst[mode.value] = max(worst.get(mode.value, 0.0), err if err == err else float("inf"))
+    bad = {m: e for m, e in worst.items() if not e <= SELF_CHECK_REL_ERR[m]}
+    if not bad:
+        _native.check(lib.kt_select_isa(isa), "kt_select_isa")
+        return
+    name = next(n for n, v in runtime.KERNEL_PATHS.items() if v == isa)
+    warnings.warn(
+        f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error by "
+        f"compute mode {bad}, allowed {SELF_CHECK_REL_ERR}); using 'scalar' instead. Please report this with "
+        "`kt-sft doctor`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from kt_sft.formats import ComputeMode, Format
+from kt_sft.engine.formats import ComputeMode, Format
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

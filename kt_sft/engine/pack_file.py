@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kt_sft.formats import Format, matrix_bytes
-from kt_sft.functional import PackedExperts
+from kt_sft.engine.formats import Format, matrix_bytes
+from kt_sft.engine.functional import PackedExperts
 
 MAGIC = b"KTSFTPK1"
 VERSION = 1

@@ -1,6 +1,6 @@
 """PNG plots of a `kt-sft bench compare` result directory, made from its JSON files only.
 
-    .venv/bin/python -m kt_sft.compare_plots bench_results/compare/RUN [--dest docs/images]
+    .venv/bin/python -m kt_sft.bench.compare_plots bench_results/compare/RUN [--dest docs/images]
 
 throughput.png (tokens/s per mode, and the median step split into routed experts / shared + dense MLP /
 attention / rest), memory.png (VmHWM with the peak RssAnon and RssFile beside it) and loss.png (loss per step).

@@ -4,7 +4,7 @@ The result is what upstream transformers would have saved for the fine-tuned mod
 class's config (no `auto_map`, no `kt_sft` block), the routed experts dense again, every LoRA merged,
 so `AutoModelForCausalLM.from_pretrained(OUT)` loads it without trust_remote_code and without kt_sft.
 
-    experts:  W = dequantize(pack) + ΔW,  ΔW = kt_sft.lora.delta_weight(A, B, scaling, E)  (PEFT's formula)
+    experts:  W = dequantize(pack) + ΔW,  ΔW = kt_sft.engine.expert_lora.delta_weight(A, B, scaling, E)  (PEFT's formula)
     modules:  PEFT's own merge_and_unload (attention, shared experts, router, ... and modules_to_save)
 
 Merging runs in fp32; the result is cast to the export dtype once. Modules the upstream class keeps
@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kt_sft.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir, publish_dir
-from kt_sft.loading import MODELING_FILE
-from kt_sft.models import ARCHS
-from kt_sft.settings import KtSettings
+from kt_sft.integration.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir, publish_dir
+from kt_sft.integration.loading import MODELING_FILE
+from kt_sft.integration.models import ARCHS
+from kt_sft.integration.settings import KtSettings
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPORT_NAME = "kt_sft_export.json"
@@ -91,7 +91,7 @@ def estimate(model_dir: Path, config: dict, dtype: str) -> dict:
 
     memory = non-expert params x 4 (the kt model, fp32, where LoRA merges) + all params x dtype bytes
              (the output model) + one MoE layer's experts x 4 x 3 (dequantized, ΔW, merged; fp32)."""
-    from kt_sft.pack_file import PackFile
+    from kt_sft.engine.pack_file import PackFile
 
     pack_file = pack_path(model_dir, config)
     if not pack_file.is_file():
@@ -146,7 +146,7 @@ def check_resources(need: dict, out: Path, memory: int | None = None, disk: int 
 
 def load_kt_model(model_dir: Path, config: dict, adapter_dir: Path | None) -> tuple[nn.Module, nn.Module | None]:
     """(the kt model in fp32, the PeftModel around it with the adapter loaded, or None)."""
-    from kt_sft.loading import kt_causal_lm_class
+    from kt_sft.integration.loading import kt_causal_lm_class
 
     model = kt_causal_lm_class(config["model_type"]).from_pretrained(model_dir, dtype=torch.float32).eval()
     if adapter_dir is None:
@@ -181,7 +181,8 @@ def load_kt_model(model_dir: Path, config: dict, adapter_dir: Path | None) -> tu
 def merged_experts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """fp32 (gate_up_proj (E, 2I, H), down_proj (E, H, I)) of a CPUExperts: the pack's values plus
     the active expert LoRA's ΔW, if any (third value: whether there was one)."""
-    from kt_sft.lora import LoraCPUExperts, delta_weight
+    from kt_sft.engine.expert_lora import delta_weight
+    from kt_sft.integration.peft_lora import LoraCPUExperts
 
     gate_up, down = module.dequantized()
     name = module._active_lora() if isinstance(module, LoraCPUExperts) else None
@@ -221,7 +222,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapter_dir
     import transformers
     from tqdm import tqdm
 
-    from kt_sft.experts import CPUExperts
+    from kt_sft.engine.experts import CPUExperts
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype should be one of {', '.join(DTYPES)}, got {dtype!r}")

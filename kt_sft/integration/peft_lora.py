@@ -1,12 +1,6 @@
-"""LoRA on the routed experts, trained in the C kernels, stored exactly as PEFT stores it.
+"""LoRA on the routed experts as PEFT sees it: a layer PEFT trains and saves, and the config rewrite.
 
-PEFT 0.18 puts LoRA on transformers' fused experts with `target_parameters=["mlp.experts.gate_up_proj",
-"mlp.experts.down_proj"]`: two nested `lora.ParamWrapper`s, the outer one on down_proj, the inner one
-(`base_layer`) on gate_up_proj, each holding per expert e a rank-r pair
-    lora_A.weight (r*E, N) and lora_B.weight (K, r*E)       for a parameter (E, N, K),
-with ΔW[e] = scaling * A_e^T B_e^T, A_e = lora_A.weight.view(E, r, N)[e] and
-B_e = lora_B.weight.view(K, r, E)[:, :, e] (PEFT's `get_delta_weight`). In the forward this is
-out += scaling * (x @ B_e) @ A_e: B maps the product's input to rank r, A maps rank r to its output.
+The math (PEFT's layout, ΔW, the forward through the C kernels) is kt_sft.engine.expert_lora.
 
 `LoraCPUExperts` is a CPUExperts that is also a PEFT `LoraLayer`: when LLaMA-Factory's `lora_target`
 names `experts`, PEFT finds a module that already is a LoRA layer and calls its `update_layer`, which
@@ -14,8 +8,8 @@ creates these tensors. They are registered parameters (the Trainer's optimizer s
 them), kept in fp32 on the CPU whatever `.to()` the model gets, and the C kernels compute their
 forward and gradients (no ΔW is ever materialized). State-dict hooks give them PEFT's key names
 (`experts.lora_A` for down_proj, `experts.base_layer.lora_A` for gate_up_proj), so the saved adapter
-loads with plain transformers + peft on the original checkpoint once its config is rewritten (see
-`kt_sft.adapter`).
+loads with plain transformers + peft on the original checkpoint once its config is rewritten
+(attach_expert_lora, below).
 """
 
 from __future__ import annotations
@@ -27,27 +21,12 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from kt_sft import functional as Fn
-from kt_sft.autograd import cpu_experts
-from kt_sft.experts import CPUExperts, default_compute_mode
+from kt_sft.engine import functional as Fn
+from kt_sft.engine.expert_lora import forward_with_lora, kernel_lora
+from kt_sft.engine.experts import CPUExperts
 
 # our attribute -> PEFT's key inside the experts module (gate_up_proj is PEFT's inner ParamWrapper)
 PEFT_KEYS = {"lora_gu_A.": "base_layer.lora_A.", "lora_gu_B.": "base_layer.lora_B."}
-
-
-def kernel_layout(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's (lora_A.weight (r*E, N), lora_B.weight (K, r*E)) -> the kernels' A (E, r, N), B (E, r, K).
-    Differentiable: gradients flow back to PEFT's tensors."""
-    a = lora_a.view(num_experts, -1, lora_a.shape[1])
-    b = lora_b.view(lora_b.shape[0], -1, num_experts).permute(2, 1, 0).contiguous()
-    return a, b
-
-
-def delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, num_experts: int) -> torch.Tensor:
-    """ΔW (E, N, K) of one adapter, the formula of PEFT's ParamWrapper.get_delta_weight."""
-    a = lora_a.reshape(num_experts, -1, lora_a.shape[-1])
-    b = lora_b.reshape(lora_b.shape[0], -1, num_experts)
-    return torch.einsum("o r e, e r i -> e i o", b, a) * scaling
 
 
 class LoraCPUExperts(CPUExperts, LoraLayer):
@@ -144,12 +123,13 @@ class LoraCPUExperts(CPUExperts, LoraLayer):
     def unmerge(self) -> None:
         raise NotImplementedError("expert LoRA is never merged")
 
+    def _weights(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        return (self.lora_gu_A[adapter_name].weight, self.lora_gu_B[adapter_name].weight,
+                self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight)
+
     def expert_lora(self, adapter_name: str) -> Fn.ExpertLora:
         """The adapter in the kernels' layout (differentiable views of the parameters)."""
-        e = self.num_experts
-        gu_a, gu_b = kernel_layout(self.lora_gu_A[adapter_name].weight, self.lora_gu_B[adapter_name].weight, e)
-        d_a, d_b = kernel_layout(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, e)
-        return Fn.ExpertLora(gu_a, gu_b, d_a, d_b, float(self.scaling[adapter_name]))
+        return kernel_lora(*self._weights(adapter_name), float(self.scaling[adapter_name]), self.num_experts)
 
     def _active_lora(self) -> str | None:
         if self.disable_adapters:
@@ -164,16 +144,8 @@ class LoraCPUExperts(CPUExperts, LoraLayer):
         name = self._active_lora()
         if name is None:
             return CPUExperts.forward(self, hidden_states, top_k_index, top_k_weights)
-        params = (self.lora_gu_A[name].weight, self.lora_gu_B[name].weight,
-                  self.lora_A[name].weight, self.lora_B[name].weight)
-        for p in params:
-            if p.device.type != "cpu" or p.dtype != torch.float32:
-                raise TypeError(f"expert LoRA parameters must stay float32 on the CPU, got {p.dtype} on {p.device}")
-        key = repr([(id(p), p._version) for p in params]).encode()  # changes when the optimizer steps
-        mode = self.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None))
-        cache = self.recompute_cache if self.training else None
-        return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache, self.pin_memory,
-                           lora=self.expert_lora(name), lora_key=key)
+        return forward_with_lora(self, hidden_states, top_k_index, top_k_weights, self._weights(name),
+                                 float(self.scaling[name]))
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{k}: r={v}" for k, v in self.r.items())

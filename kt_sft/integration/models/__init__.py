@@ -72,5 +72,5 @@ def arch_for(config: dict) -> MoEArch:
         return ARCHS[model_type]
     raise ValueError(
         f"kt_sft does not support model_type {model_type!r}; supported: {', '.join(sorted([*ARCHS, *ALIASES]))}. "
-        "Adding a family is one entry in kt_sft/models/__init__.py (docs/adding_a_model.md)."
+        "Adding a family is one entry in kt_sft/integration/models/__init__.py (docs/adding_a_model.md)."
     )

@@ -45,9 +45,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kt_sft import _native, engine, environment
-from kt_sft.experts import CPUExperts
-from kt_sft.formats import ComputeMode, Format
+from kt_sft import environment
+from kt_sft.engine import _native, runtime
+from kt_sft.engine.experts import CPUExperts
+from kt_sft.engine.formats import ComputeMode, Format
 
 SCHEMA = "kt_sft.bench.kernels/1"
 BASELINE_IMPLS = ("eager", "grouped_mm")
@@ -134,19 +135,19 @@ class KernelBenchConfig:
             raise BenchConfigError("need at least one format and one compute mode")
         if self.kernel_path is not None:
             self.kernel_path = self.kernel_path.lower()
-            if self.kernel_path != "all" and self.kernel_path not in engine.KERNEL_PATHS:
+            if self.kernel_path != "all" and self.kernel_path not in runtime.KERNEL_PATHS:
                 raise BenchConfigError(
-                    f"unknown kernel path {self.kernel_path!r}; known: all, {', '.join(engine.KERNEL_PATHS)}")
+                    f"unknown kernel path {self.kernel_path!r}; known: all, {', '.join(runtime.KERNEL_PATHS)}")
             if not _native.available():
                 raise BenchConfigError(f"the native engine is not loaded: {_native._IMPORT_ERROR}")
-            if self.kernel_path != "all" and self.kernel_path not in engine.available_kernel_paths():
+            if self.kernel_path != "all" and self.kernel_path not in runtime.available_kernel_paths():
                 raise BenchConfigError(f"kernel path {self.kernel_path!r} is not available here; "
-                                       f"available: {', '.join(engine.available_kernel_paths())}")
+                                       f"available: {', '.join(runtime.available_kernel_paths())}")
 
     def kernel_paths(self) -> list[str]:
         if self.kernel_path is None:
-            return [engine.kernel_path()]
-        return engine.available_kernel_paths() if self.kernel_path == "all" else [self.kernel_path]
+            return [runtime.kernel_path()]
+        return runtime.available_kernel_paths() if self.kernel_path == "all" else [self.kernel_path]
 
     def workloads(self) -> list[tuple[int, str]]:
         """(T, routing) pairs, in run order."""
@@ -203,7 +204,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_choice_list(ComputeMode.parse),
                         help=f"{h['modes']}, comma-separated (default {csv(d['modes'])})")
     parser.add_argument("--kernel-path", dest="kernel_path", metavar="PATH",
-                        help=f"{', '.join(engine.KERNEL_PATHS)} or all (default: the engine's choice)")
+                        help=f"{', '.join(runtime.KERNEL_PATHS)} or all (default: the engine's choice)")
     for name, flag in (("threads", "--threads"), ("repeats", "--repeats"), ("warmup", "--warmup"),
                        ("num_experts", "--experts"), ("top_k", "--top-k"), ("hidden", "--hidden"),
                        ("intermediate", "--intermediate"), ("seed", "--seed"),
@@ -387,7 +388,7 @@ class TorchLoraExperts(torch.nn.Module):
         super().__init__()
         self.base, self.scaling = base, scaling
         e = base.num_experts
-        from kt_sft.lora import kernel_layout
+        from kt_sft.engine.expert_lora import kernel_layout
 
         gu_a, gu_b = kernel_layout(lora["lora_gu_A"], lora["lora_gu_B"], e)
         d_a, d_b = kernel_layout(lora["lora_A"], lora["lora_B"], e)
@@ -451,14 +452,14 @@ def run(args: argparse.Namespace | KernelBenchConfig) -> dict:
     stamp = _dt.datetime.now().astimezone()
     out_path = Path(cfg.out or f"bench_results/kernels-{stamp:%Y%m%d-%H%M%S}.json")
 
-    prev_torch_threads, prev_path = torch.get_num_threads(), engine.kernel_path()
+    prev_torch_threads, prev_path = torch.get_num_threads(), runtime.kernel_path()
     torch.set_num_threads(cfg.threads)
-    engine.set_num_threads(cfg.threads)
+    runtime.set_num_threads(cfg.threads)
     try:
         report = _run(cfg, stamp)
     finally:
         torch.set_num_threads(prev_torch_threads)
-        engine.set_kernel_path(prev_path)
+        runtime.set_kernel_path(prev_path)
     report["wall_s"] = time.perf_counter() - started
     report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
@@ -561,7 +562,7 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
                     experts.compute_mode = ComputeMode.parse(mode)
                     for path in paths:
                         bar.set_description(f"kt_sft {fmt}/{mode}/{path}{f'/lora{rank}' if rank else ''} T={t} {routing}")
-                        engine.set_kernel_path(path)
+                        runtime.set_kernel_path(path)
                         if (fmt, mode) in INVALID_PAIRS:
                             entry, samples = {"status": "unsupported", "detail": INVALID_PAIRS[(fmt, mode)]}, None
                         else:
@@ -583,7 +584,7 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
 
 def _with_lora(experts: CPUExperts, cfg: KernelBenchConfig):
     """The same packed weights as a LoraCPUExperts holding make_lora's adapter (alpha = 2r)."""
-    from kt_sft.lora import LoraCPUExperts
+    from kt_sft.integration.peft_lora import LoraCPUExperts
 
     out = LoraCPUExperts(experts.packed)
     out.update_layer("default", cfg.lora_rank, 2 * cfg.lora_rank, 0.0, False, False)

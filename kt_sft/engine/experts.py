@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kt_sft import functional as Fn
-from kt_sft.autograd import cpu_experts
-from kt_sft.formats import ComputeMode, Format
-from kt_sft.recompute_cache import RecomputeCache
+from kt_sft.engine import functional as Fn
+from kt_sft.engine.autograd import cpu_experts
+from kt_sft.engine.formats import ComputeMode, Format
+from kt_sft.engine.recompute_cache import RecomputeCache
 
 
 def default_compute_mode(x_dtype: torch.dtype) -> ComputeMode:
@@ -56,7 +56,7 @@ class CPUExperts(nn.Module):
     @property
     def packed(self) -> Fn.PackedExperts:
         if self._packed is None:
-            from kt_sft.pack_file import open_pack
+            from kt_sft.engine.pack_file import open_pack
 
             path, layer, shape = self._source
             packed = open_pack(path, self._verify).layer(layer)

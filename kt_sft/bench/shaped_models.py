@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from kt_sft.convert import publish_dir
-from kt_sft.formats import Format
+from kt_sft.engine.formats import Format
+from kt_sft.integration.convert import publish_dir
+from kt_sft.integration.models import arch_for
 from kt_sft.memory_estimate import MODELS, count, pack_bytes
-from kt_sft.models import arch_for
 
 GIB = 2**30
 SHARD_BYTES = 2 * GIB
@@ -71,7 +71,7 @@ def shape_config(shape: str | dict) -> dict:
 class RandomCheckpoint:
     """The on-disk tensors of `config` (a config.json dict) with seeded random values, read one at a time.
 
-    Offers TensorIndex's interface (`where`, `in`, `get`, `get_float`), so kt_sft.convert can read it
+    Offers TensorIndex's interface (`where`, `in`, `get`, `get_float`), so kt_sft.integration.convert can read it
     like a checkpoint. `where` maps each name to (shape, dtype) in save_pretrained's order."""
 
     def __init__(self, config: dict, seed: int = 0, sparse_experts: bool = False):
@@ -219,7 +219,7 @@ def write_hf(shape: str | dict, out: str | os.PathLike, tokenizer, seed: int = 0
 def write_kt(shape: str | dict, out: str | os.PathLike, fmt: str, tokenizer, seed: int = 0, force: bool = False,
              progress: bool = True) -> dict:
     """A kt_sft model directory of `shape` with `fmt` experts, without a Hugging Face copy on disk."""
-    from kt_sft.convert import convert
+    from kt_sft.integration.convert import convert
 
     out = Path(out)
     _check_disk(out, disk_needed(shape, "kt", fmt)["total"])
@@ -251,7 +251,7 @@ def describe_shapes() -> str:
     return "\n".join(lines)
 
 
-DEFAULT_DATA = Path(os.environ.get("KT_SFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DEFAULT_DATA = Path(os.environ.get("KT_SFT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def alpaca_texts(path: str | os.PathLike) -> list[str]:

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from kt_sft import functional as Fn
-from kt_sft.formats import Format
-from kt_sft.loading import MODELING_FILE, modeling_source
-from kt_sft.models import MoEArch, arch_for
-from kt_sft.pack_file import PACK_NAME, PackWriter
-from kt_sft.settings import KtSettings
+from kt_sft.engine import functional as Fn
+from kt_sft.engine.formats import Format
+from kt_sft.engine.pack_file import PACK_NAME, PackWriter
+from kt_sft.integration.loading import MODELING_FILE, modeling_source
+from kt_sft.integration.models import MoEArch, arch_for
+from kt_sft.integration.settings import KtSettings
 
 SHARD_BYTES = 512 * 2**20  # non-expert shards: bounds the converter's memory
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
@@ -140,7 +140,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
     """Converts `model_dir` into `out_dir`; returns a report (also written as kt_sft_convert.json).
 
     `index` replaces the safetensors shards as the tensor source (anything with TensorIndex's `where`,
-    `in`, `get` and `get_float`; kt_sft.shaped_models feeds random weights this way); `model_dir` then
+    `in`, `get` and `get_float`; kt_sft.bench.shaped_models feeds random weights this way); `model_dir` then
     only supplies config.json and the tokenizer files."""
     from safetensors.torch import save_file
     from tqdm import tqdm

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kt_sft.formats import Format, matrix_bytes, padded_k
-
+from kt_sft.engine.formats import Format, matrix_bytes, padded_k
 
 # ---- formats ---------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """One run of `kt-sft bench compare`: LLaMA-Factory's own training entry point, timed from inside.
 
-    python -m kt_sft.compare_worker SPEC.json            (kt_sft and plain runs)
-    torchrun --standalone --nproc_per_node 1 -m kt_sft.compare_worker SPEC.json   (DeepSpeed runs)
+    python -m kt_sft.bench.compare_worker SPEC.json            (kt_sft and plain runs)
+    torchrun --standalone --nproc_per_node 1 -m kt_sft.bench.compare_worker SPEC.json   (DeepSpeed runs)
 
-SPEC (written by kt_sft.compare) holds the LLaMA-Factory arguments and where to write the raw
+SPEC (written by kt_sft.bench.compare) holds the LLaMA-Factory arguments and where to write the raw
 result. This calls `llamafactory.train.tuner.run_exp(args, callbacks=[StepTimer])`, exactly what
 `llamafactory-cli train` runs, with one callback added, and records per optimizer step:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kt_sft.loading import memory_status  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
+from kt_sft.integration.loading import memory_status  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
 
 # Module classes of the split; matched on the module's qualified name (PEFT-wrapped names included).
 EXPERTS, SHARED_MLP, ATTENTION = "routed_experts", "shared_and_dense_mlp", "attention"
@@ -268,7 +268,7 @@ def run(spec: dict) -> dict:
         record["memory"]["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
         record["memory"]["gpu_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
     try:
-        from kt_sft import recompute_cache
+        from kt_sft.engine import recompute_cache
 
         record["checkpoint_cache"] = recompute_cache.stats()
     except ImportError:

@@ -1,12 +1,12 @@
-"""autograd Functions over the native expert engine. They call kt_sft.functional only."""
+"""autograd Functions over the native expert engine. They call kt_sft.engine.functional only."""
 
 from __future__ import annotations
 
 import torch
 
-from kt_sft import functional as Fn
-from kt_sft import recompute_cache
-from kt_sft.formats import ComputeMode
+from kt_sft.engine import functional as Fn
+from kt_sft.engine import recompute_cache
+from kt_sft.engine.formats import ComputeMode
 
 
 def _to_host(*tensors: torch.Tensor, pin: bool = True) -> list[torch.Tensor]:
