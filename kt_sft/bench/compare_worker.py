@@ -216,7 +216,8 @@ def _patch_zero3_leaf_names() -> None:
     renamed = {"DeepseekV2MoE": "DeepseekV2Moe"}
 
     def set_leaf_modules(model, leaf_modules):
-        return upstream(model, [renamed.get(m, m) if isinstance(m, str) else m for m in leaf_modules])
+        # both spellings: plain transformers has DeepseekV2Moe, a kt_sft model DeepseekV2MoE (loading.py)
+        return upstream(model, [n for m in leaf_modules for n in ((m, renamed[m]) if m in renamed else (m,))])
 
     moe._set_z3_leaf_modules = set_leaf_modules
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import os
 import re
-import types
 from pathlib import Path
 
 import torch
@@ -80,14 +79,15 @@ def install_cpu_experts(model: nn.Module, config) -> int:
     settings = KtSettings.from_config(getattr(config, "kt_sft", None))
     base = Path(getattr(config, "name_or_path", "") or ".")
     pack = Path(settings.pack) if Path(settings.pack).is_absolute() else base / settings.pack
-    if settings.num_threads is not None:
-        runtime.set_num_threads(settings.num_threads)
+    _set_threads(settings)
     swapped = 0
     for name, module in list(model.named_modules()):
         match = _EXPERTS_PATH.match(name)
         if match is None or not hasattr(module, "gate_up_proj"):
             continue
-        e, two_i, h = module.gate_up_proj.shape
+        # under DeepSpeed ZeRO-3 (zero.Init) the upstream parameter is already partitioned: its full
+        # shape is ds_shape, `.shape` is the local shard's
+        e, two_i, h = getattr(module.gate_up_proj, "ds_shape", None) or module.gate_up_proj.shape
         new = experts_class().from_pack(str(pack), int(match.group(1)), (e, h, two_i // 2), settings.compute_mode,
                                    verify=settings.verify)
         if not settings.checkpoint_cache:
@@ -100,12 +100,25 @@ def install_cpu_experts(model: nn.Module, config) -> int:
         raise ValueError(f"{type(model).__name__} has no fused experts modules to serve from {pack}")
     for module in model.modules():
         if type(module).__name__ == "DeepseekV2Moe":  # see _deepseek_v2_moe_forward
-            module.forward = types.MethodType(_deepseek_v2_moe_forward, module)
+            module.__class__ = _deepseek_v2_moe_class(type(module))
     global _MEMORY_REPORT_REGISTERED
     if os.environ.get("KT_SFT_MEMORY_REPORT", "") not in ("", "0") and not _MEMORY_REPORT_REGISTERED:
         atexit.register(_report_memory_at_exit)  # e.g. at the end of a llamafactory-cli run
         _MEMORY_REPORT_REGISTERED = True
     return swapped
+
+
+def _set_threads(settings: KtSettings) -> None:
+    """Engine threads: the setting, else usable cores / ranks on this node. Several ranks per node
+    also set torch's intra-op threads to their share (torchrun's default is 1;
+    KT_SFT_TORCH_THREADS overrides), so a node's ranks together use its cores once."""
+    from kt_sft.integration import distributed
+
+    runtime.set_num_threads(settings.num_threads or distributed.default_num_threads())
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    elif distributed.local_world_size() > 1:
+        torch.set_num_threads(distributed.default_num_threads())
 
 
 def _router_logits(gate: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -132,6 +145,16 @@ def _deepseek_v2_moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     topk_indices, topk_weights = self.route_tokens_to_experts(_router_logits(self.gate, hidden_states))
     flat = hidden_states.view(-1, hidden_states.shape[-1])
     return self.experts(flat, topk_indices, topk_weights).view(*shape) + self.shared_experts(residuals)
+
+
+def _deepseek_v2_moe_class(upstream: type) -> type:
+    """DeepseekV2Moe with _deepseek_v2_moe_forward, named DeepseekV2MoE: the name LLaMA-Factory 0.9.5
+    marks as the ZeRO-3 leaf module (transformers 5.6 spells it DeepseekV2Moe, and the run would stop
+    with "No modules of type ['DeepseekV2MoE'] found")."""
+    name = "DeepseekV2MoE"
+    if name not in _CLASSES:
+        _CLASSES[name] = type(name, (upstream,), {"forward": _deepseek_v2_moe_forward, "__module__": upstream.__module__})
+    return _CLASSES[name]
 
 
 def kt_causal_lm_class(model_type: str) -> type:
@@ -161,9 +184,21 @@ def kt_causal_lm_class(model_type: str) -> type:
         from kt_sft.integration.peft_lora import attach_expert_lora
 
         attach_expert_lora(self, configs)
+        if any(m.r for m in self.modules() if hasattr(m, "lora_gu_A")):
+            from kt_sft.integration.distributed import expert_lora_sync
+
+            expert_lora_sync(self)
+
+    def _ddp_ignore(self):
+        # DDP leaves the expert LoRA to kt_sft's own averaging (kt_sft.integration.distributed)
+        sync = self.__dict__.get("_kt_expert_lora_sync")
+        if sync is None:
+            raise AttributeError("_ddp_params_and_buffers_to_ignore")
+        return sync.ddp_ignore_names()
 
     attrs = {"__init__": __init__, "__doc__": base.__doc__, "__module__": base.__module__,
-             "peft_config": property(_get_peft_config, _set_peft_config)}
+             "peft_config": property(_get_peft_config, _set_peft_config),
+             "_ddp_params_and_buffers_to_ignore": property(_ddp_ignore)}
     if arch.keep_unquantized:  # bitsandbytes (QLoRA) skips these modules; they stay in fp32
         attrs["_keep_in_fp32_modules"] = list(getattr(base, "_keep_in_fp32_modules", None) or []) + list(arch.keep_unquantized)
     cls = type("KtSftForCausalLM", (base,), attrs)

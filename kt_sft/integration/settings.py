@@ -22,7 +22,11 @@ class KtSettings:
     compute_mode: str | None = None
     """f32 / bf16 / int8, or None for the default per input dtype. Env: KT_SFT_COMPUTE_MODE."""
     num_threads: int | None = None
-    """Threads of the C kernels; None = all CPUs this process may use. Env: KT_SFT_NUM_THREADS."""
+    """Threads of the C kernels; None = the CPUs this process may use / ranks on this node (torchrun's
+    LOCAL_WORLD_SIZE). Env: KT_SFT_NUM_THREADS."""
+    torch_threads: int | None = None
+    """torch intra-op threads; None = unchanged with one rank per node, else the same share as
+    num_threads (torchrun would leave 1). Env: KT_SFT_TORCH_THREADS."""
     pin_memory: bool = True
     """Stage CUDA activations through pinned host buffers. Env: KT_SFT_PIN_MEMORY."""
     verify: bool = False
@@ -35,8 +39,10 @@ class KtSettings:
         Format.parse(self.format)
         if self.compute_mode is not None:
             self.compute_mode = ComputeMode.parse(self.compute_mode).value
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ValueError(f"`kt_sft.num_threads` should be a positive integer, got {self.num_threads!r}")
+        for key in ("num_threads", "torch_threads"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`kt_sft.{key}` should be a positive integer, got {value!r}")
         if not isinstance(self.pack, str) or not self.pack:
             raise ValueError(f"`kt_sft.pack` should be a file name, got {self.pack!r}")
 
@@ -57,11 +63,11 @@ class KtSettings:
                 if raw.lower() not in _TRUE | _FALSE:
                     raise ValueError(f"KT_SFT_{f.name.upper()} should be 0/1/true/false, got {raw!r}")
                 values[f.name] = raw.lower() in _TRUE
-            elif f.name == "num_threads":
+            elif f.name in ("num_threads", "torch_threads"):
                 try:
                     values[f.name] = int(raw)
                 except ValueError:
-                    raise ValueError(f"KT_SFT_NUM_THREADS should be a positive integer, got {raw!r}") from None
+                    raise ValueError(f"KT_SFT_{f.name.upper()} should be a positive integer, got {raw!r}") from None
             else:
                 values[f.name] = raw
         return cls(**values)
