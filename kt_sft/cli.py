@@ -1,6 +1,6 @@
 """`kt-sft` command line. Thin: it parses, then calls functions that live in other modules.
 
-    kt-sft doctor [--json]           what the engine chose and what this machine offers
+    kt-sft doctor [--json] [--peak]  what the engine chose and what this machine offers (and its peaks)
     kt-sft convert --model DIR --out DIR --format {bf16,int8,int4} [--force]
                                      a Hugging Face MoE checkpoint -> a kt_sft model directory
     kt-sft export --model DIR [--adapter DIR] --out DIR [--dtype {bf16,fp16,fp32}] [--force]
@@ -20,7 +20,7 @@ import sys
 def _doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from kt_sft import environment
 
-    report = environment.doctor_report()
+    report = environment.doctor_report(peak=args.peak)
     print(json.dumps(report, indent=2) if args.json else environment.format_doctor_report(report))
     return 0 if report["engine"]["native_loaded"] else 1
 
@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="show the kernel path, threads, CPU, memory and versions")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument("--peak", action="store_true",
+                        help="also measure each SIMD / AMX instruction's peak on the engine's threads (~2 s)")
     doctor.set_defaults(handler=_doctor, command_parser=doctor)
 
     conv = commands.add_parser("convert", help="convert a Hugging Face MoE checkpoint for kt_sft")

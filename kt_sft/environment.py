@@ -97,23 +97,46 @@ def machine() -> dict:
     return info
 
 
-def engine_report() -> dict:
-    """engine_info() plus whether the native module loaded; the load error instead of a crash."""
+def engine_report(self_check: bool = False) -> dict:
+    """engine_info() plus whether the native module loaded; the load error instead of a crash. With
+    self_check, the chosen path is first checked against scalar (as training does before first use)
+    and the paths that failed are listed with their errors."""
     from kt_sft import engine
 
     if not _native.available():
         return {"native_loaded": False, "native_error": str(_native._IMPORT_ERROR)}
-    return {"native_loaded": True, **engine.engine_info()}
+    if not self_check:
+        return {"native_loaded": True, **engine.engine_info()}
+    from kt_sft.engine import functional
+
+    functional.verify_kernel_path()
+    return {"native_loaded": True, **engine.engine_info(), "self_check_failures": dict(functional.SELF_CHECK_FAILURES)}
 
 
-def doctor_report() -> dict:
+def peak_report(seconds: float = 0.25) -> dict:
+    """Each instruction's measured peak (G ops/s on the engine's threads) and, per compute mode of the
+    chosen path, which one bounds it."""
+    from kt_sft.engine import runtime
+
+    path = runtime.kernel_path()
     return {
-        "engine": engine_report(),
+        "threads": runtime.lib.kt_get_num_threads(),
+        "gops": runtime.measure_peaks(seconds),
+        "bound_by": {mode: runtime.peak_instruction(path, mode) for mode in ("f32", "bf16", "int8")},
+    }
+
+
+def doctor_report(peak: bool = False) -> dict:
+    report = {
+        "engine": engine_report(self_check=True),
         "machine": {k: v for k, v in machine().items() if k != "cpu_flags"},
         "versions": versions(),
         "env": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
         "python_executable": sys.executable,
     }
+    if peak and report["engine"]["native_loaded"]:
+        report["peak"] = peak_report()
+    return report
 
 
 def format_doctor_report(report: dict) -> str:
@@ -141,4 +164,14 @@ def format_doctor_report(report: dict) -> str:
     ]
     if report["env"]:
         lines.append("environment       " + " ".join(f"{k}={v}" for k, v in report["env"].items()))
+    for name, bad in eng.get("self_check_failures", {}).items():
+        lines.append(f"self-check        path {name!r} FAILED against scalar (relative error by mode {bad}); "
+                     "it is not used")
+    if "peak" in report:
+        pk = report["peak"]
+        lines.append(f"peak (G ops/s, {pk['threads']} threads; a multiply-add is 2)")
+        for name, v in pk["gops"].items():
+            bounds = [m for m, b in pk["bound_by"].items() if b == name]
+            mark = f"   <- bounds {eng['kernel_path']} {', '.join(bounds)} mode" if bounds else ""
+            lines.append(f"  {name:<15} {'not on this CPU' if v is None else f'{v:8.1f}'}{mark}")
     return "\n".join(lines)

@@ -11,7 +11,23 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["kt_core.c", "kt_formats.c", "kt_moe.c", "kt_kernels_scalar.c", "kt_kernels_avx2.c"]
+SOURCES = ["kt_core.c", "kt_formats.c", "kt_moe.c", "kt_kernels_scalar.c", "kt_kernels_avx2.c",
+           "kt_kernels_avx512.c", "kt_kernels_amx.c", "kt_swiglu_avx512.c",
+           "kt_peak.c"]
+INCLUDE_DIRS = [HERE]
+
+# The avx512 kernels' SIMDe twin (kernel path "avx512-simde", a test path for CPUs without
+# AVX-512) needs SIMDe's headers (Debian: libsimde-dev; elsewhere SIMDE_INCLUDE_DIR). Without them
+# the build leaves it out and the path is simply absent.
+_SIMDE_DIRS = [d for d in (os.environ.get("SIMDE_INCLUDE_DIR"), "/usr/include", "/usr/local/include") if d]
+SIMDE_DIR = next((d for d in _SIMDE_DIRS if os.path.exists(os.path.join(d, "simde", "x86", "avx512.h"))), None)
+if SIMDE_DIR is None and os.environ.get("KT_SFT_REQUIRE_SIMDE") == "1":  # CI: the twin is part of the suite
+    raise RuntimeError("KT_SFT_REQUIRE_SIMDE=1 but SIMDe's headers are missing: apt-get install -y libsimde-dev "
+                       "(or set SIMDE_INCLUDE_DIR)")
+if SIMDE_DIR is not None:
+    SOURCES.append("kt_kernels_avx512_simde.c")
+    if SIMDE_DIR not in ("/usr/include", "/usr/local/include"):
+        INCLUDE_DIRS.append(SIMDE_DIR)
 
 
 def _cdef_from_header() -> str:
@@ -24,16 +40,24 @@ def _cdef_from_header() -> str:
     return body
 
 
+# KT_SFT_SANITIZE=address,undefined (any -fsanitize= list) builds the engine for the sanitizer runs
+# (scripts/sanitize.sh): -O1 -g, frame pointers, and UBSan findings abort instead of printing and going
+# on, so a test that triggers one fails. Python then needs the ASan runtime preloaded (the script does it).
+SANITIZE = os.environ.get("KT_SFT_SANITIZE", "").strip()
+SANITIZE_CFLAGS = ["-fsanitize=" + SANITIZE, "-fno-omit-frame-pointer", "-g", "-O1",
+                   "-fno-sanitize-recover=all"] if SANITIZE else []
+SANITIZE_LDFLAGS = ["-fsanitize=" + SANITIZE] if SANITIZE else []
+
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_from_header())
 ffibuilder.set_source(
     "kt_sft._kt_native",
     '#include "kt_sft.h"',
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
-    include_dirs=[os.path.relpath(HERE)],
+    include_dirs=[os.path.relpath(d) for d in INCLUDE_DIRS],
     # No -march: the wheel must run on any x86-64 (or other) CPU; SIMD files opt in per function.
-    extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
-    extra_link_args=["-pthread"],
+    extra_compile_args=["-O3", "-std=c11", "-fno-math-errno", "-Wall", "-Wno-unused-function"] + SANITIZE_CFLAGS,
+    extra_link_args=["-pthread"] + SANITIZE_LDFLAGS,
 )
 
 if __name__ == "__main__":

@@ -96,9 +96,12 @@ static unsigned detect_features(void) {
         if ((b >> 16) & 1) f |= KT_CPU_AVX512F;
         if ((b >> 30) & 1) f |= KT_CPU_AVX512BW;
         if ((b >> 31) & 1) f |= KT_CPU_AVX512VL;
+        if ((b >> 17) & 1) f |= KT_CPU_AVX512DQ;
         if ((c >> 11) & 1) f |= KT_CPU_AVX512VNNI;
     }
     if (amx_ok && ((d >> 24) & 1)) f |= KT_CPU_AMX;
+    if (amx_ok && ((d >> 24) & 1) && ((d >> 22) & 1)) f |= KT_CPU_AMXBF16;
+    if (amx_ok && ((d >> 24) & 1) && ((d >> 25) & 1)) f |= KT_CPU_AMXINT8;
     unsigned a1, b1, c1, d1;
     __cpuid_count(7, 1, a1, b1, c1, d1);
     if (zmm_ok && ((a1 >> 5) & 1)) f |= KT_CPU_AVX512BF16;
@@ -115,11 +118,14 @@ unsigned kt_cpu_features(void) {
     return cached;
 }
 
+#define KT_NEEDS_AVX2 (KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C)
+#define KT_NEEDS_AVX512 (KT_NEEDS_AVX2 | KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL | KT_CPU_AVX512DQ)
 static const unsigned isa_needs[] = {
     [KT_ISA_SCALAR] = 0,
-    [KT_ISA_AVX2] = KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C,
-    [KT_ISA_AVX512] = KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL | KT_CPU_AVX512VNNI |
-                      KT_CPU_AVX512BF16,
+    [KT_ISA_AVX2] = KT_NEEDS_AVX2,
+    [KT_ISA_AVX512] = KT_NEEDS_AVX512,
+    [KT_ISA_AVX512_SIMDE] = KT_NEEDS_AVX2, /* emulated: the zmm code runs as AVX2 */
+    [KT_ISA_AMX] = KT_NEEDS_AVX512 | KT_CPU_AVX512BF16 | KT_CPU_AMX | KT_CPU_AMXBF16,
 };
 
 static const kt_kernels *kernels_of(int isa) {
@@ -127,14 +133,42 @@ static const kt_kernels *kernels_of(int isa) {
     case KT_ISA_SCALAR: return &kt_kernels_scalar;
 #if defined(__x86_64__)
     case KT_ISA_AVX2: return &kt_kernels_avx2;
+    case KT_ISA_AVX512: return &kt_kernels_avx512; /* weak: NULL when not built */
+    case KT_ISA_AVX512_SIMDE: return &kt_kernels_avx512_simde;
+    case KT_ISA_AMX: return &kt_kernels_amx;
 #endif
     default: return NULL; /* not compiled for this architecture */
     }
 }
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#define KT_ARCH_GET_XCOMP_PERM 0x1022
+#define KT_ARCH_REQ_XCOMP_PERM 0x1023
+#define KT_XFEATURE_XTILEDATA 18
+/* Linux hands out AMX tile state only to processes that ask for it (5.16+); without it the
+ * first tile instruction faults. Asked once; the answer holds for every thread. */
+int kt_amx_permitted(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        unsigned long bits = 0;
+        cached = syscall(SYS_arch_prctl, KT_ARCH_REQ_XCOMP_PERM, KT_XFEATURE_XTILEDATA) == 0 &&
+                 syscall(SYS_arch_prctl, KT_ARCH_GET_XCOMP_PERM, &bits) == 0 &&
+                 ((bits >> KT_XFEATURE_XTILEDATA) & 1);
+    }
+    return cached;
+}
+#elif defined(__x86_64__)
+int kt_amx_permitted(void) { return 0; }
+#endif
+
 int kt_isa_supported(int isa) {
-    if (isa < 0 || isa > KT_ISA_AVX512) return 0;
-    return kernels_of(isa) != NULL && (kt_cpu_features() & isa_needs[isa]) == isa_needs[isa];
+    if (isa < 0 || isa > KT_ISA_AMX) return 0;
+    if (kernels_of(isa) == NULL || (kt_cpu_features() & isa_needs[isa]) != isa_needs[isa]) return 0;
+#if defined(__x86_64__)
+    if (isa == KT_ISA_AMX && !kt_amx_permitted()) return 0;
+#endif
+    return 1;
 }
 
 static int g_isa = -1;
@@ -147,8 +181,9 @@ int kt_select_isa(int isa) {
 
 int kt_current_isa(void) {
     if (g_isa < 0) {
-        for (int isa = KT_ISA_AVX512; isa >= KT_ISA_SCALAR; isa--)
-            if (kt_isa_supported(isa)) { g_isa = isa; break; }
+        static const int order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX2, KT_ISA_SCALAR};
+        for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+            if (kt_isa_supported(order[i])) { g_isa = order[i]; break; }
     }
     return g_isa;
 }
@@ -212,34 +247,59 @@ static int default_threads(void) {
     return n > 0 ? (int)n : 1;
 }
 
+/* Callers size per-thread buffers from kt_get_num_threads() and then call kt_parallel_for; another
+ * thread may change the count in between (kt_set_num_threads from Python during a layer call). So a
+ * parallel_for never uses more threads than its calling thread last read here (tid < that count). */
+static _Thread_local int tl_threads_seen;
+
 int kt_set_num_threads(int n) {
     if (n < 1 || n > KT_MAX_THREADS) KT_FAIL(KT_EINVAL, "thread count must be in [1, %d], got %d", KT_MAX_THREADS, n);
-    pthread_mutex_lock(&pool.call_lock);
-    pool.n_threads = n;
-    pthread_mutex_unlock(&pool.call_lock);
+    __atomic_store_n(&pool.n_threads, n, __ATOMIC_RELAXED);
     return KT_OK;
 }
 
-int kt_get_num_threads(void) {
-    if (pool.n_threads == 0) pool.n_threads = default_threads();
-    return pool.n_threads;
+static int current_threads(void) {
+    int n = __atomic_load_n(&pool.n_threads, __ATOMIC_RELAXED);
+    if (n == 0) {
+        int expected = 0, d = default_threads();
+        n = __atomic_compare_exchange_n(&pool.n_threads, &expected, d, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED) ? d : expected;
+    }
+    return n;
 }
 
-/* After fork() only the forking thread exists in the child: forget the workers. */
+int kt_get_num_threads(void) { return tl_threads_seen = current_threads(); }
+
+/* fork(): the prepare handler waits for a parallel_for running in another thread to end (call_lock),
+ * so the child never inherits a half-done job. In the child only the forking thread exists: forget
+ * the workers and the last job (a stale generation or task counter would let the first worker the
+ * child starts run the parent's old tasks and count itself finished for the new job). Registered at
+ * load time, before the engine's own handler (kt_moe.c): prepare handlers run in reverse order, so
+ * the engine lock is taken before call_lock, the same order as kt_moe_forward. */
+static void pool_before_fork(void) { pthread_mutex_lock(&pool.call_lock); }
+static void pool_after_fork_parent(void) { pthread_mutex_unlock(&pool.call_lock); }
 static void pool_after_fork_child(void) {
     pthread_mutex_init(&pool.call_lock, NULL);
     pthread_mutex_init(&pool.lock, NULL);
     pthread_cond_init(&pool.wake, NULL);
     pthread_cond_init(&pool.done, NULL);
     pool.n_workers = 0;
+    pool.generation = 0;
+    pool.active_workers = 0;
+    pool.finished = 0;
+    pool.n_tasks = 0;
+    atomic_store(&pool.next, 0);
+}
+
+__attribute__((constructor)) static void pool_register_atfork(void) {
+    pthread_atfork(pool_before_fork, pool_after_fork_parent, pool_after_fork_child);
 }
 
 void kt_parallel_for(int64_t n_tasks, kt_task_fn fn, void *ctx) {
     if (n_tasks <= 0) return;
     pthread_mutex_lock(&pool.call_lock);
-    static int atfork_registered = 0;
-    if (!atfork_registered) { pthread_atfork(NULL, NULL, pool_after_fork_child); atfork_registered = 1; }
-    int want = kt_get_num_threads() - 1;
+    const int cap = tl_threads_seen;
+    int want = current_threads() - 1;
+    if (cap > 0 && want > cap - 1) want = cap - 1;
     if (want > n_tasks - 1) want = (int)(n_tasks - 1);
     while (pool.n_workers < want) {
         if (pthread_create(&pool.workers[pool.n_workers], NULL, worker_main,

@@ -93,11 +93,31 @@ typedef struct {
     const float *alpha;         /* M multipliers, or NULL for 1 */
     int64_t lo, hi;
     int accumulate;             /* += (else =) */
-    float *scratch;             /* per-thread, 32-byte aligned, kt_gemm_scratch_floats(N, K_pad) floats */
+    float *scratch;             /* per-thread, 64-byte aligned, kt_scratch_floats(table, N, K_pad) floats */
+    /* The M rows again as one bf16 operand prepared by the job (tables with pack_bf16, bf16
+     * compute mode only, else NULL): rows zero-padded to a multiple of 16 and columns to
+     * round32(contraction length); layout KT_PACK_VNNI for nt, KT_PACK_ROWS for tn. */
+    const uint16_t *a_bf16;
+    /* Likewise for the int8 compute mode's int8 rows (tables with pack_q8, int8 weights only):
+     * 64-column tiles of 16 rows x 64 bytes; KT_PACK_VNNI for nt_q8, KT_PACK_TILES for tn_q8. */
+    const int8_t *a_q8;
 } kt_gemm;
 
-/* Scratch any kernel may use for one matrix: a 16-wide panel over max(K_pad, N), a row, and a
- * 128 x 16 tile of partial sums. */
+/* Layouts of a prepared bf16 operand of M rows (m) by C columns (the contraction), M16 = M
+ * rounded up to 16, C32 = C rounded up to 32, padding zero. Both are blocks of 16 rows (block
+ * b = m / 16 at b * 16 * C32, row i = m % 16) made of 1 KiB tiles, one per 32 columns (step
+ * s = c / 32 at + s * 512), so a tile is one contiguous read:
+ *   KT_PACK_TILES: the tile is row-major, element at i * 32 + c % 32 (AMX's A-operand layout).
+ *   KT_PACK_VNNI:  the tile holds column pairs, element at (c % 32 / 2) * 32 + i * 2 + c % 2
+ *                  (AMX's B-operand layout). */
+#define KT_PACK_TILES 0
+#define KT_PACK_VNNI 1
+/* int8 operands (pack_q8) are the same with 64-byte steps of 64 columns: C64 = C rounded up to
+ * 64, block b at b * 16 * C64, step s = c / 64 at + s * 1024; TILES: i * 64 + c % 64; VNNI (quads
+ * of columns): (c % 64 / 4) * 64 + i * 4 + c % 4 (AMX's tdpbssd B-operand layout). */
+
+/* Scratch the scalar and avx2 kernels may use for one matrix: a 16-wide panel over
+ * max(K_pad, N), a row, and a 128 x 16 tile of partial sums. */
 static inline int64_t kt_gemm_scratch_floats(int64_t N, int64_t K_pad) {
     int64_t m = N > K_pad ? N : K_pad;
     return (16 * m + m + 16 + 128 * 16 + 15) & ~(int64_t)15;
@@ -112,7 +132,30 @@ typedef struct {
     /* fp32 vector helpers for the LoRA branches (rank-r products, ~1-2% of a layer's FLOPs) */
     void (*dots)(const float *M, int64_t r, int64_t n, const float *v, float *t);  /* t[k] = <M[k], v>, M (r, n) */
     void (*axpy)(float alpha, const float *x, float *y, int64_t n);  /* y += alpha * x */
+    /* Per-thread scratch floats this table's products need for an N x K_pad matrix. */
+    int64_t (*scratch_floats)(int64_t N, int64_t K_pad);
+    /* Optional (NULL: none): in the bf16 compute mode, the job prepares each expert group's
+     * activation rows once per phase with this (dst as described at KT_PACK_*; rows hold
+     * bf16-exact fp32 values of length C) and hands them to nt / tn as kt_gemm.a_bf16. */
+    void (*pack_bf16)(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst);
+    /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a
+     * multiple of 64 already), handed over as kt_gemm.a_q8. */
+    void (*pack_q8)(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst);
+    /* Optional elementwise SwiGLU (NULL: the scalar loops in kt_moe.c), round_bf16 = the bf16 mode:
+     *   swiglu:     h[i] = r(silu(g[i]) * u[i])
+     *   swiglu_bwd: s = sigmoid(g), dg[i] = r(w dhu[i] u s (1 + g (1 - s))), du[i] = r(w dhu[i] g s);
+     *               returns sum_i r(g s u) dhu[i]   (r: rounding to bf16 when round_bf16) */
+    void (*swiglu)(const float *g, const float *u, float *h, int64_t n, int round_bf16);
+    float (*swiglu_bwd)(const float *g, const float *u, const float *dhu, float w, float *dg, float *du, int64_t n,
+                        int round_bf16);
+    /* Task sizes of the layer's products (0: kt_moe.c's defaults): I rows per (expert, block) task
+     * in F1 / B1 and H columns per task in F2 / B3. Multiples of 32; never thread-count dependent. */
+    int64_t rows_per_task, cols_per_task;
 } kt_kernels;
+
+static inline int64_t kt_scratch_floats(const kt_kernels *k, int64_t N, int64_t K_pad) {
+    return k->scratch_floats ? k->scratch_floats(N, K_pad) : kt_gemm_scratch_floats(N, K_pad);
+}
 
 /* The scalar int8-activation products, shared by paths without their own. */
 void kt_nt_q8_scalar(const kt_gemm *g);
@@ -123,6 +166,18 @@ void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n);
 extern const kt_kernels kt_kernels_scalar;
 #if defined(__x86_64__)
 extern const kt_kernels kt_kernels_avx2;
+/* Weak: present when their sources are in the build (the SIMDe twin needs libsimde-dev). */
+extern const kt_kernels kt_kernels_avx512 __attribute__((weak));
+extern const kt_kernels kt_kernels_avx512_simde __attribute__((weak));
+extern const kt_kernels kt_kernels_amx __attribute__((weak));
+/* zmm SwiGLU (kt_swiglu_avx512.c), for tables on CPUs with AVX-512F; see kt_kernels.swiglu. */
+void kt_swiglu_avx512(const float *g, const float *u, float *h, int64_t n, int round_bf16);
+float kt_swiglu_bwd_avx512(const float *g, const float *u, const float *dhu, float w, float *dg, float *du, int64_t n,
+                           int round_bf16);
+/* Loads the engine's AMX tile configuration (8 tiles of 16 rows x 64 bytes) on this thread. */
+void kt_amx_tiles_on(void);
+/* Asks the kernel for AMX tile state (Linux arch_prctl); 1 if this process may use AMX. */
+int kt_amx_permitted(void);
 #endif
 const kt_kernels *kt_active_kernels(void);
 

@@ -27,6 +27,11 @@
  * The rank-r vectors are ~r/(2I) of the work; B1L adds into dhu before B2 reads it, so dw and dgu
  * include the LoRA path with no change to B2. LoRA math is fp32 on the compute-precision activations.
  *
+ * Prepared bf16 operands (kernel tables with pack_bf16, e.g. amx; bf16 compute mode only): after F0,
+ * F1, B0 and B2 a phase (F0p, F1p, B0p, B2p; tasks: experts) copies each expert group's activation
+ * rows (x, h, dy, dgu) once into the layout the table's products read (KT_PACK_*), so the products
+ * touch only weights and that copy.
+ *
  * F2 and B3 own a block of output columns and walk the experts in order inside the task, so no two
  * threads write the same element and the summation order does not depend on the thread count:
  * results are bitwise repeatable.
@@ -39,12 +44,21 @@
 
 #include "kt_internal.h"
 
-#define ROWS_PER_TASK 32   /* I rows per (expert, block) task in F1 / B1 */
-#define COLS_PER_TASK 64   /* H columns per task in F2 / B3 */
+#define ROWS_PER_TASK 32   /* I rows per (expert, block) task in F1 / B1, unless the table says */
+#define COLS_PER_TASK 64   /* H columns per task in F2 / B3, unless the table says */
 #define PAIRS_PER_TASK 64
 #define TOKENS_PER_TASK 16
 
 static pthread_mutex_t g_engine_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* fork() while another thread is inside a layer call: the child would inherit g_engine_lock held by
+ * a thread it does not have (and a workspace in use). The prepare handler waits for that call to
+ * end. Registered on the first call, after the pool's handler (kt_core.c), so this lock is taken
+ * before the pool's call_lock, the same order as in a layer call. */
+static void engine_before_fork(void) { pthread_mutex_lock(&g_engine_lock); }
+static void engine_after_fork(void) { pthread_mutex_unlock(&g_engine_lock); }
+static void engine_register_atfork(void) { pthread_atfork(engine_before_fork, engine_after_fork, engine_after_fork); }
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
 /* KT_SFT_PROFILE=1 prints each phase's wall time to stderr (the evidence for where time goes). */
 static double now_ms(void) {
@@ -66,6 +80,7 @@ typedef struct {
     const kt_kernels *kern;
     kt_matrix_layout Lgu, Ld;
     int64_t P, I_blocks;
+    int64_t rows_pt, cols_pt;  /* ROWS_PER_TASK / COLS_PER_TASK or the table's own (multiples of 32) */
     int32_t *offs;    /* E + 1 */
     int32_t *pairs;   /* P pair ids grouped by expert, ascending inside a group */
     int32_t *active;  /* experts that received at least one pair (E slots, then E fill cursors) */
@@ -81,6 +96,10 @@ typedef struct {
     int64_t r;                    /* LoRA rank, 0: none */
     float *tg, *td, *ud, *vg;     /* (P, r) each, see the top of the file */
     float *xa;                    /* (T, H) backward with LoRA: x in the compute precision */
+    int prep;                     /* prepared bf16 operands (see the top of the file) */
+    int prep8;                    /* prepared int8 operands (int8 mode, int8 weights) */
+    uint16_t *opb;                /* the current phase's operand, expert groups back to back */
+    int64_t *blk16;               /* E + 1: 16-row blocks before each expert's group in opb */
     float *hb;                    /* (P, I) backward with LoRA: h, recomputed once by B1L for BG */
     /* per thread: M activation pointers, M output pointers, M multipliers, M scales, scratch */
     const void **arows;
@@ -140,8 +159,10 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     const int64_t E = a->E, H = a->H, I = a->I, T = a->T, P = T * a->k;
     const int nt = kt_get_num_threads();
     j->P = P;
-    j->I_blocks = (I + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    const int64_t s_gu = kt_gemm_scratch_floats(j->Lgu.N, j->Lgu.K_pad), s_d = kt_gemm_scratch_floats(j->Ld.N, j->Ld.K_pad);
+    j->rows_pt = j->kern->rows_per_task ? j->kern->rows_per_task : ROWS_PER_TASK;
+    j->cols_pt = j->kern->cols_per_task ? j->kern->cols_per_task : COLS_PER_TASK;
+    j->I_blocks = (I + j->rows_pt - 1) / j->rows_pt;
+    const int64_t s_gu = kt_scratch_floats(j->kern, j->Lgu.N, j->Lgu.K_pad), s_d = kt_scratch_floats(j->kern, j->Ld.N, j->Ld.K_pad);
     j->scratch_floats = (size_t)(s_gu > s_d ? s_gu : s_d);
 
     j->xq_ld = j->q_fwd ? round64(H) : 0;
@@ -153,7 +174,12 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "LoRA rank %lld without its four matrices", (long long)j->r);
     if (j->r > 0 && backward && (!a->x || !a->grad_gu_a || !a->grad_gu_b || !a->grad_d_a || !a->grad_d_b))
         KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
-    size_t off = 0, sizes[19];
+    j->prep = a->act_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
+    j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
+    /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
+    const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
+    const int64_t op_rows = j->prep || j->prep8 ? ((P + 15) / 16 + E) * 16 : 0;
+    size_t off = 0, sizes[21];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
     CARVE(1, sizeof(float) * (size_t)(T * H));
@@ -174,6 +200,8 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     CARVE(16, sizeof(float) * (size_t)(4 * P * j->r));
     CARVE(17, j->r > 0 && backward ? sizeof(float) * (size_t)(T * H) : 0);
     CARVE(18, j->r > 0 && backward ? sizeof(float) * (size_t)(P * I) : 0);
+    CARVE(19, sizeof(uint16_t) * (size_t)(op_rows * c64));
+    CARVE(20, op_rows ? sizeof(int64_t) * (size_t)(E + 1) : 0);
 #undef CARVE
     uint8_t *ws = kt_workspace(off);
     if (!ws) KT_FAIL(KT_ENOMEM, "cannot allocate %zu bytes of workspace", off);
@@ -201,10 +229,16 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->vg = j->ud + P * j->r;
     j->xa = j->r > 0 && backward ? (float *)(ws + sizes[17]) : NULL;
     j->hb = j->r > 0 && backward ? (float *)(ws + sizes[18]) : NULL;
+    j->opb = op_rows ? (uint16_t *)(ws + sizes[19]) : NULL;
+    j->blk16 = op_rows ? (int64_t *)(ws + sizes[20]) : NULL;
 
     /* counting sort of the pairs by expert (stable: ascending p inside each group) */
     memset(j->offs, 0, sizeof(int32_t) * (size_t)(E + 1));
-    for (int64_t p = 0; p < P; p++) j->offs[a->topk_idx[p] + 1]++;
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t e = a->topk_idx[p];
+        if (e < 0 || e >= E) KT_FAIL(KT_EINVAL, "expert id %lld (pair %lld) outside [0, %lld)", (long long)e, (long long)p, (long long)E);
+        j->offs[e + 1]++;
+    }
     for (int64_t e = 0; e < E; e++) {
         if (j->offs[e + 1] > 0) j->active[j->n_active++] = (int32_t)e;
         j->offs[e + 1] += j->offs[e];
@@ -212,6 +246,10 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     int32_t *fill = j->active + E; /* E cursors */
     memcpy(fill, j->offs, sizeof(int32_t) * (size_t)E);
     for (int64_t p = 0; p < P; p++) j->pairs[fill[a->topk_idx[p]]++] = (int32_t)p;
+    if (op_rows) {
+        j->blk16[0] = 0;
+        for (int64_t e = 0; e < E; e++) j->blk16[e + 1] = j->blk16[e] + (j->offs[e + 1] - j->offs[e] + 15) / 16;
+    }
     return KT_OK;
 }
 
@@ -238,6 +276,7 @@ typedef struct {
     const float *qs;
     int64_t qld;
     int by_token;
+    int64_t C;        /* row length: with a prepared operand (job->prep), its columns are round32(C) */
 } act_rows;
 
 static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, const void *base, act_rows src,
@@ -261,8 +300,11 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
         orows[m] = out + (out_by_token ? t : p) * out_ld + out_off;
         alpha[m] = a->topk_w[p];
     }
+    const uint16_t *prepared = j->prep && !src.act_q8 ? j->opb + j->blk16[e] * 16 * ((src.C + 31) & ~(int64_t)31) : NULL;
+    const int8_t *prepared8 = j->prep8 && src.act_q8 ? (const int8_t *)j->opb + j->blk16[e] * 16 * ((src.C + 63) & ~(int64_t)63) : NULL;
     kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
-                 with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats};
+                 with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats, prepared,
+                 prepared8};
     if (tn) (src.act_q8 ? j->kern->tn_q8 : j->kern->tn)(&g);
     else (src.act_q8 ? j->kern->nt_q8 : j->kern->nt)(&g);
 }
@@ -307,10 +349,57 @@ static void rank_out_by_token(const moe_job *j, int64_t e, const float *M, const
     for (int64_t pos = pos##0_, p, e, t; pos < pos##1_ &&                                     \
          (p = (j)->pairs[pos], e = (j)->a->topk_idx[p], t = p / (j)->a->k, 1); pos++)
 
+/* h[i] = silu(g[i]) * u[i] in the compute precision, i < n */
+static void swiglu(const moe_job *j, const float *g, const float *u, float *h, int64_t n) {
+    const int mode = j->a->act_mode;
+    if (j->kern->swiglu) {
+        j->kern->swiglu(g, u, h, n, mode == KT_ACT_BF16);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) h[i] = to_compute(kt_silu(g[i]) * u[i], mode);
+}
+
 static void h_row(const moe_job *j, int64_t p, float *h) {
     const int64_t I = j->a->I;
-    const float *gp = j->gu + p * 2 * I, *up = gp + I;
-    for (int64_t i = 0; i < I; i++) h[i] = to_compute(kt_silu(gp[i]) * up[i], j->a->act_mode);
+    const float *gp = j->gu + p * 2 * I;
+    swiglu(j, gp, gp + I, h, I);
+}
+
+/* ---- prepared operands ------------------------------------------------------------------- */
+
+/* Task = active expert: its group's rows of an operand (by token or by pair) into opb: float rows
+ * (src, row stride C) through pack_bf16 in the bf16 mode, int8 rows (q, row stride qld) through
+ * pack_q8 in the int8 mode. */
+static void prep_group(moe_job *j, int64_t task, int tid, const float *src, const int8_t *q, int64_t qld, int64_t C,
+                       int by_token, int layout) {
+    const int64_t e = j->active[task], M = j->offs[e + 1] - j->offs[e];
+    const void **rows = j->arows + (size_t)tid * (size_t)j->P;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t p = j->pairs[j->offs[e] + m], id = by_token ? p / j->a->k : p;
+        rows[m] = j->prep8 ? (const void *)(q + id * qld) : (const void *)(src + id * C);
+    }
+    if (j->prep8)
+        j->kern->pack_q8((const int8_t *const *)rows, M, C, layout,
+                         (int8_t *)j->opb + j->blk16[e] * 16 * ((C + 63) & ~(int64_t)63));
+    else
+        j->kern->pack_bf16((const float *const *)rows, M, C, layout, j->opb + j->blk16[e] * 16 * ((C + 31) & ~(int64_t)31));
+}
+
+static void f0p_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    prep_group(j, task, tid, j->act, j->xq, j->xq_ld, j->a->H, 1, KT_PACK_VNNI);
+}
+static void f1p_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    prep_group(j, task, tid, j->h, j->hq, j->hq_ld, j->a->I, 0, KT_PACK_VNNI);
+}
+static void b0p_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj; /* bf16: dy by token; int8: the folded dy by pair */
+    prep_group(j, task, tid, j->act, j->zq, j->zq_ld, j->a->H, !j->prep8, KT_PACK_TILES);
+}
+static void b2p_task(void *vj, int64_t task, int tid) {
+    moe_job *j = vj;
+    prep_group(j, task, tid, j->dgu, j->zq, j->zq_ld, 2 * j->a->I, 0, KT_PACK_TILES);
 }
 
 /* ---- forward ------------------------------------------------------------------------------ */
@@ -331,8 +420,8 @@ static void f1_task(void *vj, int64_t task, int tid) {
     const kt_moe_args *a = j->a;
     const int64_t I = a->I, e = j->active[task / j->I_blocks];
     int64_t i0, i1;
-    block_range(task % j->I_blocks, ROWS_PER_TASK, I, &i0, &i1);
-    act_rows x = {j->act, a->H, j->q_fwd ? j->xq : NULL, j->xs, j->xq_ld, 1};
+    block_range(task % j->I_blocks, j->rows_pt, I, &i0, &i1);
+    act_rows x = {j->act, a->H, j->q_fwd ? j->xq : NULL, j->xs, j->xq_ld, 1, a->H};
     run_gemm(j, tid, e, &j->Lgu, a->gate_up, x, j->gu, 2 * I, 0, i0, 0, 0, i0, i1, 0);             /* gate */
     run_gemm(j, tid, e, &j->Lgu, a->gate_up, x, j->gu, 2 * I, 0, I + i0, 0, 0, I + i0, I + i1, 0); /* up */
     const int32_t *grp = j->pairs + j->offs[e];
@@ -343,9 +432,8 @@ static void f1_task(void *vj, int64_t task, int tid) {
             rank_out(j, A, 2 * I, tg, a->lora_scale, row + i0, i0, i1);
             rank_out(j, A, 2 * I, tg, a->lora_scale, row + I + i0, I + i0, I + i1);
         }
-        const float *gp = j->gu + (size_t)grp[m] * 2 * I, *up = gp + I;
-        float *hp = j->h + (size_t)grp[m] * I;
-        for (int64_t i = i0; i < i1; i++) hp[i] = to_compute(kt_silu(gp[i]) * up[i], a->act_mode);
+        const float *gp = j->gu + (size_t)grp[m] * 2 * I;
+        swiglu(j, gp + i0, gp + I + i0, j->h + (size_t)grp[m] * I + i0, i1 - i0);
     }
 }
 
@@ -381,9 +469,9 @@ static void f2_task(void *vj, int64_t task, int tid) {
     const kt_moe_args *a = j->a;
     const int64_t H = a->H;
     int64_t n0, n1;
-    block_range(task, COLS_PER_TASK, H, &n0, &n1);
+    block_range(task, j->cols_pt, H, &n0, &n1);
     for (int64_t t = 0; t < a->T; t++) memset(a->y + t * H + n0, 0, sizeof(float) * (size_t)(n1 - n0));
-    act_rows h = {j->h, a->I, j->q_fwd ? j->hq : NULL, j->hs, j->hq_ld, 0};
+    act_rows h = {j->h, a->I, j->q_fwd ? j->hq : NULL, j->hs, j->hq_ld, 0, a->I};
     for (int64_t ai = 0; ai < j->n_active; ai++) {
         const int64_t e = j->active[ai];
         run_gemm(j, tid, e, &j->Ld, a->down, h, a->y, H, 1, n0, 1, 0, n0, n1, 1);
@@ -391,15 +479,32 @@ static void f2_task(void *vj, int64_t task, int tid) {
     }
 }
 
-static int check_args(const kt_moe_args *a) {
+/* Everything C can check itself (shapes, ids, modes, dtypes, missing buffers); buffer lengths
+ * remain the caller's contract (kt_sft/engine/functional.py allocates them). */
+static int check_args(const kt_moe_args *a, int backward) {
+    pthread_once(&g_atfork_once, engine_register_atfork);
     if (a->E < 1 || a->H < 1 || a->I < 1 || a->T < 0 || a->k < 1 || a->k > a->E)
         KT_FAIL(KT_EINVAL, "bad shape E=%lld H=%lld I=%lld T=%lld k=%lld", (long long)a->E, (long long)a->H,
                 (long long)a->I, (long long)a->T, (long long)a->k);
+    if (a->E > INT32_MAX || a->T > INT32_MAX / a->k || a->H > INT32_MAX || a->I > INT32_MAX / 2)
+        KT_FAIL(KT_EINVAL, "shape beyond the int32 limits: E=%lld H=%lld I=%lld T*k=%lld*%lld", (long long)a->E,
+                (long long)a->H, (long long)a->I, (long long)a->T, (long long)a->k);
+    if (a->T == 0) return KT_OK;
+    if (backward && !a->gu) KT_FAIL(KT_EINVAL, "backward needs the gate/up activations saved by the forward");
+    if (!a->gate_up || !a->down || !a->topk_idx || !a->topk_w)
+        KT_FAIL(KT_EINVAL, "missing weights or routing (NULL pointer)");
+    const void *in = backward ? a->dy : a->x;
+    const int dtype = backward ? a->dy_dtype : a->x_dtype;
+    if (!in || (backward ? (!a->dx || !a->dw) : !a->y))
+        KT_FAIL(KT_EINVAL, "missing %s buffers (NULL pointer)", backward ? "backward" : "forward");
+    if (dtype != KT_DTYPE_F32 && dtype != KT_DTYPE_BF16) KT_FAIL(KT_EINVAL, "unknown activation dtype %d", dtype);
+    if (backward && a->lora_r > 0 && a->x_dtype != KT_DTYPE_F32 && a->x_dtype != KT_DTYPE_BF16)
+        KT_FAIL(KT_EINVAL, "unknown activation dtype %d", a->x_dtype);
     return KT_OK;
 }
 
 int kt_moe_forward(const kt_moe_args *a) {
-    int rc = check_args(a);
+    int rc = check_args(a, 0);
     if (rc || a->T == 0) return rc;
     pthread_mutex_lock(&g_engine_lock);
     moe_job j;
@@ -408,10 +513,12 @@ int kt_moe_forward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
         if (j.r > 0) run_phase("F0L", pair_tasks, f0l_task, &j);
+        if (j.prep || j.prep8) run_phase("F0p", j.n_active, f0p_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
         if (j.r > 0) run_phase("F1L", pair_tasks, f1l_task, &j);
         if (j.q_fwd) run_phase("F1q", pair_tasks, f1q_task, &j);
-        run_phase("F2", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, f2_task, &j);
+        if (j.prep || j.prep8) run_phase("F1p", j.n_active, f1p_task, &j);
+        run_phase("F2", (a->H + j.cols_pt - 1) / j.cols_pt, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
     return rc;
@@ -450,8 +557,8 @@ static void b1_task(void *vj, int64_t task, int tid) {
     const kt_moe_args *a = j->a;
     const int64_t I = a->I, e = j->active[task / j->I_blocks];
     int64_t i0, i1;
-    block_range(task % j->I_blocks, ROWS_PER_TASK, I, &i0, &i1);
-    act_rows dy = {j->act, a->H, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, !j->q_bwd};
+    block_range(task % j->I_blocks, j->rows_pt, I, &i0, &i1);
+    act_rows dy = {j->act, a->H, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, !j->q_bwd, a->H};
     run_gemm(j, tid, e, &j->Ld, a->down, dy, j->h, I, 0, i0, 0, 1, i0, i1, 0);
 }
 
@@ -467,7 +574,9 @@ static void b2_task(void *vj, int64_t task, int tid) {
         float *dg = j->dgu + p * 2 * I, *du = dg + I;
         const float w = a->topk_w[p];
         float dot = 0.0f;
-        for (int64_t i = 0; i < I; i++) {
+        if (j->kern->swiglu_bwd) {
+            dot = j->kern->swiglu_bwd(gp, up, dhu, w, dg, du, I, mode == KT_ACT_BF16);
+        } else for (int64_t i = 0; i < I; i++) {
             const float g = gp[i], u = up[i], s = 1.0f / (1.0f + expf(-g));
             dot += to_compute(g * s * u, mode) * dhu[i];
             const float dh = w * dhu[i];
@@ -552,9 +661,9 @@ static void b3_task(void *vj, int64_t task, int tid) {
     const kt_moe_args *a = j->a;
     const int64_t H = a->H;
     int64_t c0, c1;
-    block_range(task, COLS_PER_TASK, H, &c0, &c1);
+    block_range(task, j->cols_pt, H, &c0, &c1);
     for (int64_t t = 0; t < a->T; t++) memset(a->dx + t * H + c0, 0, sizeof(float) * (size_t)(c1 - c0));
-    act_rows dgu = {j->dgu, 2 * a->I, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, 0};
+    act_rows dgu = {j->dgu, 2 * a->I, j->q_bwd ? j->zq : NULL, j->zs, j->zq_ld, 0, 2 * a->I};
     for (int64_t ai = 0; ai < j->n_active; ai++) {
         const int64_t e = j->active[ai];
         run_gemm(j, tid, e, &j->Lgu, a->gate_up, dgu, a->dx, H, 1, c0, 0, 1, c0, c1, 1);
@@ -563,9 +672,8 @@ static void b3_task(void *vj, int64_t task, int tid) {
 }
 
 int kt_moe_backward(const kt_moe_args *a) {
-    int rc = check_args(a);
+    int rc = check_args(a, 1);
     if (rc || a->T == 0) return rc;
-    if (!a->gu) KT_FAIL(KT_EINVAL, "backward needs the gate/up activations saved by the forward");
     pthread_mutex_lock(&g_engine_lock);
     moe_job j;
     rc = job_init(&j, a, 1);
@@ -573,11 +681,13 @@ int kt_moe_backward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("B0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
         if (j.q_bwd) run_phase("B0q", pair_tasks, b0q_task, &j);
+        if (j.prep || (j.prep8 && j.q_bwd)) run_phase("B0p", j.n_active, b0p_task, &j);
         run_phase("B1", j.n_active * j.I_blocks, b1_task, &j);
         if (j.r > 0) run_phase("B1L", pair_tasks, b1l_task, &j);
         run_phase("B2", pair_tasks, b2_task, &j);
         if (j.r > 0) run_phase("B2L", pair_tasks, b2l_task, &j);
-        run_phase("B3", (a->H + COLS_PER_TASK - 1) / COLS_PER_TASK, b3_task, &j);
+        if (j.prep || (j.prep8 && j.q_bwd)) run_phase("B2p", j.n_active, b2p_task, &j);
+        run_phase("B3", (a->H + j.cols_pt - 1) / j.cols_pt, b3_task, &j);
         if (j.r > 0) {
             run_phase("BG", 4 * j.n_active, bg_task, &j);
             zero_idle_lora_grads(&j);

@@ -32,7 +32,7 @@
 
 /* cffi-begin */
 
-#define KT_ABI_VERSION 2
+#define KT_ABI_VERSION 3
 
 /* Weight formats (same lowercase names in Python, YAML and docs). */
 #define KT_FORMAT_BF16 0
@@ -78,10 +78,16 @@ typedef struct {
 #define KT_ACT_BF16 1
 #define KT_ACT_INT8 2
 
-/* Kernel paths, chosen at run time from the CPU (kt_select_isa / KT_SFT_ISA). */
+/* Kernel paths, chosen at run time from the CPU (kt_select_isa / KT_SFT_ISA). The automatic
+ * choice is the highest supported one except AVX512_SIMDE (the AVX-512 source compiled against
+ * SIMDe's portable emulation: a test path, selectable only by hand).
+ *   AVX512: zmm fp32 FMA (needs F/BW/VL/DQ); AMX: the bf16 compute mode's products on AMX-BF16
+ *   tiles, everything else as AVX512. */
 #define KT_ISA_SCALAR 0
 #define KT_ISA_AVX2   1
 #define KT_ISA_AVX512 2
+#define KT_ISA_AVX512_SIMDE 3
+#define KT_ISA_AMX    4
 
 /* CPU feature bits reported by kt_cpu_features. */
 #define KT_CPU_AVX2        1
@@ -94,6 +100,18 @@ typedef struct {
 #define KT_CPU_AVX512BF16  128
 #define KT_CPU_AMX         256
 #define KT_CPU_AVXVNNI     512
+#define KT_CPU_AVX512DQ    1024
+#define KT_CPU_AMXBF16     2048
+#define KT_CPU_AMXINT8     4096
+
+/* Instruction peaks measured by kt_peak_gops (see native/kt_peak.c). */
+#define KT_PEAK_FMA_YMM     0
+#define KT_PEAK_FMA_ZMM     1
+#define KT_PEAK_DPBF16_ZMM  2
+#define KT_PEAK_AMX_BF16    3
+#define KT_PEAK_DPBUSD_ZMM  4
+#define KT_PEAK_MADDUBS_YMM 5
+#define KT_PEAK_AMX_INT8    6
 
 /* Return codes. On error kt_last_error() names the cause, file and line. */
 #define KT_OK          0
@@ -172,6 +190,10 @@ int kt_dequantize_matrix(int format, const void *src, int64_t N, int64_t K, floa
 /* Quantize many matrices (E of them, each N x K) in parallel: src is (E, N, K), fp32 or bf16. */
 int kt_quantize_experts(int format, const void *src, int src_dtype, int64_t E, int64_t N, int64_t K,
                         void *dst);
+
+/* Peak of one instruction on all engine threads at once, in G operations/s (a multiply-add is
+ * 2); runs for at least min_seconds. -1 where this CPU (or OS, for AMX) lacks the instruction. */
+double kt_peak_gops(int kind, double min_seconds);
 
 /* The MoE expert layer */
 int kt_moe_forward(const kt_moe_args *a);

@@ -182,14 +182,45 @@ def test_cuda_inputs_round_trip(seed):
 
 def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
     """The chosen SIMD path is checked against scalar before first use; a path that disagrees is
-    replaced by scalar with a warning (simulated here by a corrupted comparison)."""
+    replaced by the next path down that passes, with a warning (simulated here by a corrupted
+    comparison), and the failure is recorded for `kt-sft doctor`."""
     from kt_sft import engine
     from kt_sft.engine import functional as Fn
+    from kt_sft.engine import runtime
 
-    paths = engine.available_kernel_paths()
+    paths = [p for p in engine.available_kernel_paths() if p != "avx512-simde"]
     if len(paths) < 2:
         pytest.skip("only the scalar path is available here")
-    best = paths[-1]
+    best = engine.kernel_path() if engine.kernel_path() in paths else paths[-1]
+    engine.set_kernel_path(best)
+    Fn._VERIFIED.discard(engine.KERNEL_PATHS[best])
+    Fn.verify_kernel_path()  # a correct path: no warning, stays selected
+    assert engine.kernel_path() == best
+
+    def forget():
+        for p in paths:
+            Fn._VERIFIED.discard(engine.KERNEL_PATHS[p])
+            Fn.SELF_CHECK_FAILURES.pop(p, None)
+
+    # every path fails: the cascade ends on scalar
+    forget()
+    monkeypatch.setattr(Fn, "SELF_CHECK_REL_ERR", {"f32": -1.0, "bf16": -1.0, "int8": -1.0})  # any difference is wrong
+    with pytest.warns(RuntimeWarning, match="disagrees with the scalar reference"):
+        Fn.verify_kernel_path()
+    assert engine.kernel_path() == "scalar"
+    assert best in Fn.SELF_CHECK_FAILURES
+
+    # only the best path fails: the next one down takes over
+    monkeypatch.undo()
+    forget()
+    engine.set_kernel_path(best)
+    real_check = Fn._self_check
+    monkeypatch.setattr(Fn, "_self_check", lambda isa: {"f32": 1.0} if isa == engine.KERNEL_PATHS[best] else real_check(isa))
+    with pytest.warns(RuntimeWarning, match=f"using '{runtime.path_name(runtime.next_path_down(engine.KERNEL_PATHS[best]))}'"):
+        Fn.verify_kernel_path()
+    assert engine.kernel_path() == runtime.path_name(runtime.next_path_down(engine.KERNEL_PATHS[best]))
+    monkeypatch.undo()
+    forget()
     engine.set_kernel_path(best)
     Fn._VERIFIED.discard(engine.KERNEL_PATHS[best])
     Fn.verify_kernel_path()  # a correct path: no warning, stays selected

@@ -66,6 +66,9 @@ DEFINITIONS = {
     "tokens_per_s": "T / (median fwd s + median bwd s)",
     "frac_of_ceiling": "gflops_fwd_bwd / machine.ceiling_gflops_torch_fp32 (the higher of the start and "
                        "end medians)",
+    "frac_of_peak": "gflops_fwd_bwd / machine.peak_gops[peak_instruction]: the measured peak of the instruction "
+                    "that bounds the row's kernel path in its compute mode (kt-sft doctor --peak); for the "
+                    "transformers rows the machine's fastest bf16-capable instruction",
     "ratio_vs_baseline": "faster baseline time / kt_sft time (= kt_sft throughput / baseline "
                          "throughput) for fwd, bwd and fwd_bwd; > 1 means kt_sft is faster",
     "baseline_best": "per (T, routing), the transformers implementation with the lower fwd+bwd median",
@@ -351,6 +354,7 @@ def measure_machine(quick: bool) -> dict:
     dst = torch.empty_like(src)
     s = statistics.median(_timings(lambda: dst.copy_(src), 1, 5))
     out["copy_gb_per_s"] = 2 * src.numel() * 4 / s / 1e9  # bytes read + written
+    out["peak_gops"] = runtime.measure_peaks(0.1 if quick else 0.3)
     return out
 
 
@@ -607,9 +611,37 @@ def _apply_ceiling(report: dict, end_median: float, end_best: float) -> None:
     for entry in report["baseline"] + report["baseline_best"] + report["results"]:
         if "gflops_fwd_bwd" in entry:
             entry["frac_of_ceiling"] = entry["gflops_fwd_bwd"] / m["ceiling_gflops_torch_fp32"]
+    _apply_peaks(report)
+
+
+def _apply_peaks(report: dict) -> None:
+    """Every ok kt_sft entry gets the instruction that bounds its (path, mode) and its share of that
+    instruction's measured peak; baseline entries get their share of the machine's fastest bf16-capable
+    instruction (torch's path is not ours to name)."""
+    peaks = report["machine"].get("peak_gops") or {}
+    bf16_capable = [v for k, v in peaks.items() if k in ("fma_zmm", "fma_ymm", "dpbf16_zmm", "amx_bf16") and v]
+    best_bf16 = max(bf16_capable) if bf16_capable else None
+    for entry in report["results"]:
+        instr = runtime.peak_instruction(entry["kernel_path"], entry["mode"])
+        entry["peak_instruction"] = instr
+        if "gflops_fwd_bwd" in entry and instr and peaks.get(instr):
+            entry["frac_of_peak"] = entry["gflops_fwd_bwd"] / peaks[instr]
+    for entry in report["baseline"] + report["baseline_best"]:
+        if "gflops_fwd_bwd" in entry and best_bf16:
+            entry["peak_instruction"] = max((k for k in peaks if peaks[k] == best_bf16))
+            entry["frac_of_peak"] = entry["gflops_fwd_bwd"] / best_bf16
 
 
 # ---------------------------------------------------------------- table
+
+
+def _by_case(results: list[dict]) -> dict:
+    """ok kt_sft rows grouped by (format, mode, T, routing, LoRA rank): one entry per kernel path."""
+    out: dict = {}
+    for r in results:
+        if r.get("status") == "ok":
+            out.setdefault((r["format"], r["mode"], r["tokens"], r["routing"], r.get("lora_rank", 0)), []).append(r)
+    return out
 
 
 def format_table(report: dict) -> str:
@@ -624,9 +656,12 @@ def format_table(report: dict) -> str:
          f"{m['ceiling_gflops_torch_fp32_end']:.1f} end; best {m['ceiling_gflops_torch_fp32_best']:.1f})  "
          f"load avg {m['loadavg_start'][0]:.2f} -> {m['loadavg_end'][0]:.2f}"),
         "FLOPs: fwd = bwd = T*k*6*H*I; 'vs base' = faster transformers time / kt_sft time (>1: kt_sft faster)",
+        "peaks (G ops/s on these threads): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in (m.get("peak_gops") or {}).items() if v) +
+        "; %peak = of the instruction bounding the row's path and mode (hf rows: of the fastest bf16 one)",
     ]
     cols = ("impl", "fmt", "mode", "path", "T", "routing", "fwd ms", "bwd ms", "tok/s", "GFLOP/s", "%ceil",
-            "vs base", "status")
+            "%peak", "vs base", "status")
     rows = []
 
     def num(v, spec):
@@ -635,12 +670,13 @@ def format_table(report: dict) -> str:
     def row(impl, fmt, mode, path, r):
         ok = r["status"] == "ok"
         ratio = (r.get("ratio_vs_baseline") or {}).get("fwd_bwd")
-        frac = r.get("frac_of_ceiling")
+        frac, peak = r.get("frac_of_ceiling"), r.get("frac_of_peak")
         rows.append((impl, fmt, mode, path, str(r["tokens"]), r["routing"],
                      num(r.get("fwd_ms") if ok else None, ".1f"), num(r.get("bwd_ms") if ok else None, ".1f"),
                      num(r.get("tokens_per_s") if ok else None, ".1f"),
                      num(r.get("gflops_fwd_bwd") if ok else None, ".2f"),
                      num(100 * frac if ok and frac is not None else None, ".1f"),
+                     num(100 * peak if ok and peak is not None else None, ".1f"),
                      num(ratio, ".2f"), r["status"][:60]))
 
     order = {(t, rt): i for i, (t, rt) in enumerate(
@@ -657,6 +693,12 @@ def format_table(report: dict) -> str:
     lines += [" ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     foot = ["hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm; "
             "kt_sft+loraR rows compare with 'hf eager+torch_lora' (per-expert unmerged LoRA in torch)"]
+    default = (report.get("engine") or {}).get("kernel_path")
+    for (fmt, mode, t, routing, rank), runs in _by_case(report["results"]).items():
+        fastest = min(runs, key=lambda r: r["fwd_ms"] + r["bwd_ms"])
+        if len(runs) > 1 and default in {r["kernel_path"] for r in runs} and fastest["kernel_path"] != default:
+            foot.append(f"NOTE: {fmt}/{mode} T={t} {routing}{f' lora{rank}' if rank else ''}: the default path "
+                        f"{default!r} was not the fastest here ({fastest['kernel_path']!r})")
     if m["ceiling_unstable"]:
         foot.append("WARNING: the fp32 ceiling moved by more than 20% during the run; the machine was busy, "
                     "timings are noisy")

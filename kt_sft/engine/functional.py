@@ -304,18 +304,12 @@ _VERIFIED: set[int] = set()
 SELF_CHECK_REL_ERR = {"f32": 1e-4, "bf16": 2e-3, "int8": 2e-3}
 
 
-def verify_kernel_path() -> None:
-    """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
-    on a small random layer (every format and compute mode, few and many tokens per expert, forward
-    and backward, with expert LoRA).
-    A path that does not, on this CPU, is dropped for the scalar one with a warning: a wrong kernel
-    costs a clear message and speed, never silently wrong numbers. Runs once per path (~10 ms)."""
-    isa = lib.kt_current_isa()
-    if isa == runtime.KERNEL_PATHS["scalar"] or isa in _VERIFIED:
-        return
-    _VERIFIED.add(isa)
+def _self_check(isa: int) -> dict[str, float]:
+    """Worst relative error vs scalar per compute mode of kernel path `isa` on a small random layer
+    (every format and compute mode, few and many tokens per expert, forward and backward, with expert
+    LoRA). Leaves `isa` selected."""
     gen = torch.Generator().manual_seed(0)
-    worst = {}  # mode -> worst relative error
+    worst: dict[str, float] = {}
     cases = [(f, m) for f in ("bf16", "int8", "int4") for m in (ComputeMode.F32, ComputeMode.BF16)]
     cases += [("int8", ComputeMode.INT8), ("int4", ComputeMode.INT8)]
     for fmt, mode in cases:
@@ -327,23 +321,44 @@ def verify_kernel_path() -> None:
             dy = torch.randn(t, 70, generator=gen)
             lora = ExpertLora(*(torch.randn(4, 3, n, generator=gen) for n in (48, 70, 70, 24)), scale=0.5)
             outs = []
-            for path in (isa, runtime.KERNEL_PATHS["scalar"]):
+            for path in (runtime.KERNEL_PATHS["scalar"], isa):
                 _native.check(lib.kt_select_isa(path), "kt_select_isa")
                 y, gu = moe_forward(packed, x, idx, w, mode, lora=lora)
                 dx, dw, grads = moe_backward(packed, dy, idx, w, gu, mode, x=x, lora=lora)
                 outs.append((y, dx, dw, *grads))
-            for fast, ref in zip(*outs):
+            for fast, ref in zip(outs[1], outs[0]):
                 err = float((fast - ref).norm() / ref.norm().clamp_min(1e-30))
                 worst[mode.value] = max(worst.get(mode.value, 0.0), err if err == err else float("inf"))
-    bad = {m: e for m, e in worst.items() if not e <= SELF_CHECK_REL_ERR[m]}
-    if not bad:
-        _native.check(lib.kt_select_isa(isa), "kt_select_isa")
-        return
-    name = next(n for n, v in runtime.KERNEL_PATHS.items() if v == isa)
-    warnings.warn(
-        f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error by "
-        f"compute mode {bad}, allowed {SELF_CHECK_REL_ERR}); using 'scalar' instead. Please report this with "
-        "`kt-sft doctor`.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    return worst
+
+
+# Paths that failed the self-check in this process: name -> {compute mode: relative error}.
+SELF_CHECK_FAILURES: dict[str, dict[str, float]] = {}
+
+
+def verify_kernel_path() -> None:
+    """Before a SIMD path computes anything in this process, it must reproduce the scalar reference
+    (_self_check). A path that does not, on this CPU, is dropped with a warning for the next one down
+    (amx -> avx512 -> avx2 -> scalar) that passes: a wrong kernel costs a clear message and speed,
+    never silently wrong numbers. Runs once per path (~10-50 ms); `kt-sft doctor` shows failures."""
+    isa = lib.kt_current_isa()
+    while isa != runtime.KERNEL_PATHS["scalar"]:
+        name = runtime.path_name(isa)
+        if name not in SELF_CHECK_FAILURES:
+            if isa in _VERIFIED:
+                break
+            _VERIFIED.add(isa)  # first, so the check's own calls do not check again
+            worst = _self_check(isa)
+            bad = {m: e for m, e in worst.items() if not e <= SELF_CHECK_REL_ERR[m]}
+            if not bad:
+                break
+            SELF_CHECK_FAILURES[name] = bad
+            warnings.warn(
+                f"kt_sft: kernel path {name!r} disagrees with the scalar reference on this CPU (relative error "
+                f"by compute mode {bad}, allowed {SELF_CHECK_REL_ERR}); using "
+                f"{runtime.path_name(runtime.next_path_down(isa))!r} instead. Please report this with `kt-sft doctor`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        isa = runtime.next_path_down(isa)
+    _native.check(lib.kt_select_isa(isa), "kt_select_isa")

@@ -12,7 +12,8 @@ from kt_sft.engine._native import lib
 KERNEL_PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-simde": 3, "amx": 4}  # KT_ISA_*
 _CPU_FLAGS = {
     "avx2": 1, "fma": 2, "f16c": 4, "avx512f": 8, "avx512bw": 16, "avx512vl": 32,
-    "avx512_vnni": 64, "avx512_bf16": 128, "amx": 256, "avx_vnni": 512,
+    "avx512_vnni": 64, "avx512_bf16": 128, "amx": 256, "avx_vnni": 512, "avx512dq": 1024, "amx_bf16": 2048,
+    "amx_int8": 4096,
 }
 
 
@@ -36,9 +37,53 @@ def set_kernel_path(name: str) -> None:
     _native.check(lib.kt_select_isa(KERNEL_PATHS[name]), "kt_select_isa")
 
 
-def kernel_path() -> str:
-    isa = lib.kt_current_isa()
+def path_name(isa: int) -> str:
     return next(name for name, v in KERNEL_PATHS.items() if v == isa)
+
+
+def kernel_path() -> str:
+    return path_name(lib.kt_current_isa())
+
+
+# The automatic order (kt_core.c); avx512-simde is a test path, never a fallback.
+_PREFERENCE = ("amx", "avx512", "avx2", "scalar")
+
+
+def next_path_down(isa: int) -> int:
+    """The next supported path below `isa` in the automatic order (scalar at the end)."""
+    name = path_name(isa)
+    below = _PREFERENCE[_PREFERENCE.index(name) + 1:] if name in _PREFERENCE else ("scalar",)
+    return next(KERNEL_PATHS[n] for n in below if lib.kt_isa_supported(KERNEL_PATHS[n]))
+
+
+# kt_peak_gops kinds (KT_PEAK_*): the instructions the kernel paths are built on.
+PEAK_KINDS = {"fma_ymm": 0, "fma_zmm": 1, "dpbf16_zmm": 2, "amx_bf16": 3, "dpbusd_zmm": 4, "maddubs_ymm": 5,
+              "amx_int8": 6}
+# The instruction whose peak bounds each (kernel path, compute mode); absent: scalar code.
+_BOUND_BY = {
+    ("avx2", "f32"): "fma_ymm", ("avx2", "bf16"): "fma_ymm",
+    ("avx512", "f32"): "fma_zmm", ("avx512", "bf16"): "fma_zmm",
+    ("avx512-simde", "f32"): "fma_ymm", ("avx512-simde", "bf16"): "fma_ymm",  # emulated on ymm
+    ("amx", "f32"): "fma_zmm", ("amx", "bf16"): "amx_bf16",
+    # vpdpbusd where the CPU has AVX512-VNNI (without it the table runs scalar integer loops and the
+    # dpbusd_zmm peak reads None); int4 packs' backward in this mode runs on the fp32 FMA kernels.
+    ("avx512", "int8"): "dpbusd_zmm",
+}
+
+
+def measure_peaks(seconds: float = 0.25) -> dict[str, float | None]:
+    """G operations/s (a multiply-add counts 2) of each instruction on all engine threads at once;
+    None where this CPU or OS lacks it. Measured, so a busy machine reads low."""
+    out = {}
+    for name, kind in PEAK_KINDS.items():
+        v = lib.kt_peak_gops(kind, seconds)
+        out[name] = round(v, 1) if v >= 0 else None
+    return out
+
+
+def peak_instruction(path: str, mode: str) -> str | None:
+    """The instruction whose peak bounds `path` in compute `mode` (None: scalar code, no SIMD bound)."""
+    return _BOUND_BY.get((path, mode))
 
 
 def engine_info() -> dict:

@@ -97,6 +97,7 @@ class ExpertLoraSync:
         self._model = weakref.ref(model)
         self._params: dict[int, tuple[str, nn.Parameter]] = {}
         self._pending: set[int] = set()
+        self._hooked: set[int] = set()
         self._group = None
         self._started = False
         self.all_reduces = 0  # how many gradient all-reduces ran (tests read it)
@@ -116,8 +117,11 @@ class ExpertLoraSync:
                 for adapter, linear in getattr(module, attr).items():
                     p = linear.weight
                     seen[id(p)] = (f"{mod_name}.{attr}.{adapter}.weight", p)
-                    if id(p) not in self._params:
+                    # frozen tensors (an adapter loaded for inference) take no gradient hook; a
+                    # later refresh hooks them once they are trainable
+                    if p.requires_grad and id(p) not in self._hooked:
                         p.register_post_accumulate_grad_hook(self._on_grad)
+                        self._hooked.add(id(p))
         self._params = seen
 
     def ddp_ignore_names(self) -> list[str]:

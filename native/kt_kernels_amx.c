@@ -1,0 +1,513 @@
+/* AMX-BF16 kernels: the bf16 compute mode's products on tiles (x86-64, chosen at run time).
+ *
+ * A tile multiply C[16][16] += A[16][32] * B[16 pairs][16][2] takes 8,192 bf16 multiply-adds in
+ * one instruction; on the Xeon this was written on it ran ~7x the zmm FMA peak. The job hands the
+ * activations over once per phase as a prepared bf16 operand (pack_bf16, below), so the kernels
+ * only move weights:
+ *   nt (forward, out[m][n] = sum_k a[m][k] W[n][k]): A = weight rows, read straight from a bf16
+ *      pack (int8/int4 rows are converted in scratch), B = the activations in VNNI pairs, C[n][m].
+ *   tn (backward, out[m][c] = sum_n a[m][n] W[n][c]): A = the activation rows, B = the weights
+ *      with consecutive rows n interleaved in pairs (built per 32 columns in scratch), C[m][c].
+ * Weights as stored, kept exact: bf16 weights are bf16; int8 quants are exact in bf16 and their
+ * per-row scale (an output row of nt) multiplies the result. Where a scale varies along the
+ * contraction (int8 in tn, int4 in both) the dequantized fp32 weight is split into two bf16
+ * terms hi + lo (|w - hi - lo| <= 2^-17 |w|) and both are multiplied: twice the tile work, no
+ * rounding of the weights beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
+ * output, so results do not depend on the thread count.
+ * The f32 compute mode (activations not bf16) and the int8 one use the avx512 table's kernels
+ * (avx2's when that table is absent from the build).
+ */
+#include "kt_internal.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,amx-int8,avx2,fma,f16c")
+#include <immintrin.h>
+
+/* ---- tiles -------------------------------------------------------------------------------- */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) tile_config;
+
+/* Tiles 0-3: C; 4-5: A; 6-7: B; all 16 rows x 64 bytes. Loaded at every kernel call: the calling
+ * thread may also run other AMX code (oneDNN) with its own configuration in between. */
+void kt_amx_tiles_on(void) {
+    /* static data, not a local filled in place: gcc 12 does not see ldtilecfg read its operand and
+     * dropped the stores of a local configuration (the tiles then fault with #UD) */
+    static const tile_config cfg = {
+        .palette = 1,
+        .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+        .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+    };
+    _tile_loadconfig(&cfg);
+}
+
+static const kt_kernels *fallback(void) { return &kt_kernels_avx512 ? &kt_kernels_avx512 : &kt_kernels_avx2; }
+
+static int64_t round32(int64_t v) { return (v + 31) & ~(int64_t)31; }
+
+/* ---- weights as fp32 vectors ---------------------------------------------------------------- */
+
+/* W[n][k .. k+16) in fp32, k a multiple of 16 inside K_pad. */
+static inline __m512 load16(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
+    const uint8_t *row = mat + (size_t)n * L->row_bytes;
+    switch (L->format) {
+    case KT_FORMAT_BF16:
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * k))), 16));
+    case KT_FORMAT_INT8: {
+        const float d = ((const float *)(mat + L->scales_offset))[n];
+        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+        return _mm512_mul_ps(q, _mm512_set1_ps(d));
+    }
+    default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
+        const int64_t b = k / KT_INT4_BLOCK;
+        const uint16_t dh = ((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b];
+        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + b * (KT_INT4_BLOCK / 2))));
+        if (k % KT_INT4_BLOCK) q = _mm512_srli_epi32(q, 4);
+        q = _mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0xf)), _mm512_set1_epi32(8));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(_cvtsh_ss(dh)));
+    }
+    }
+}
+
+/* v = hi + lo + O(2^-17 |v|), hi and lo bf16 (16 lanes each). */
+static inline void split_bf16(__m512 v, __m256i *hi, __m256i *lo) {
+    const __m256bh h = _mm512_cvtneps_pbh(v);
+    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+    *hi = (__m256i)h;
+    *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+}
+
+/* ---- the prepared activation operand -------------------------------------------------------- */
+
+/* 16 values of a row from column c (fewer at the end of the row, zeros after). */
+static inline __m512 load_row16(const float *row, int64_t c, int64_t C) {
+    if (c + 16 <= C) return _mm512_loadu_ps(row + c);
+    if (c >= C) return _mm512_setzero_ps();
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << (C - c)) - 1), row + c);
+}
+
+/* 32 bf16 of a row from column c, in order (the row holds bf16-exact values: conversion is exact). */
+static inline __m512i row32_bf16(const float *row, int64_t c, int64_t C) {
+    return (__m512i)_mm512_cvtne2ps_pbh(load_row16(row, c + 16, C), load_row16(row, c, C));
+}
+
+static void pack_bf16_amx(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst) {
+    const int64_t C32 = round32(C), M16 = (M + 15) & ~(int64_t)15;
+    if (M < M16) memset(dst + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
+    if (layout == KT_PACK_TILES) {
+        for (int64_t m = 0; m < M; m++) {
+            uint16_t *blk = dst + (m / 16) * 16 * C32 + (m % 16) * 32;
+            for (int64_t c = 0; c < C32; c += 32) _mm512_storeu_si512(blk + c * 16, row32_bf16(rows[m], c, C));
+        }
+        return;
+    }
+    /* VNNI: the 16 column pairs of one row's 32 columns go to 16 consecutive 64-byte lines */
+    const __m512i lines = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16));
+    for (int64_t m = 0; m < M; m++) {
+        uint32_t *blk = (uint32_t *)(dst + (m / 16) * 16 * C32) + (m % 16);
+        for (int64_t c = 0; c < C32; c += 32) _mm512_i32scatter_epi32(blk + c * 8, lines, row32_bf16(rows[m], c, C), 4);
+    }
+}
+
+/* ---- output ------------------------------------------------------------------------------- */
+
+/* out[m][col + j] (+)= alpha[m] * rs[i] * c[i][j] over a 16 x 16 tile (nt: i = weight row,
+ * j = token; tn: i = token, j = column). rows x cols valid; rs NULL for 1. */
+static void write_nt(const kt_gemm *g, const float *c, int64_t m0, int64_t mv, int64_t col, int64_t nv, const float *rs) {
+    for (int64_t j = 0; j < mv; j++) {
+        float *o = g->out_rows[m0 + j] + col;
+        const float s = g->alpha ? g->alpha[m0 + j] : 1.0f;
+        for (int64_t i = 0; i < nv; i++) {
+            const float v = s * (rs ? rs[i] : 1.0f) * c[i * 16 + j];
+            o[i] = g->accumulate ? o[i] + v : v;
+        }
+    }
+}
+
+static void write_tn(const kt_gemm *g, const float *c, int64_t m0, int64_t mv, int64_t col, int64_t cv) {
+    const __mmask16 k = (__mmask16)((1u << cv) - 1);
+    for (int64_t i = 0; i < mv; i++) {
+        float *o = g->out_rows[m0 + i] + col;
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(c + i * 16), _mm512_set1_ps(g->alpha ? g->alpha[m0 + i] : 1.0f));
+        if (g->accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, o));
+        _mm512_mask_storeu_ps(o, k, v);
+    }
+}
+
+/* ---- the 2 x 2 tile block ------------------------------------------------------------------- */
+
+/* C tiles (a0 b0) (a0 b1) (a1 b0) (a1 b1) over `steps` contraction steps of 32: A tiles at
+ * aX + s * as_step bytes with row stride as, B tiles at bX + s * bs_step with row stride bs. With split,
+ * the lo halves (aXl / bXl) are multiplied too. na, nb in {1, 2}. Results go to c[4][256]. */
+static inline __attribute__((always_inline)) void block2x2(int q8, int na, int nb, int split_a, int split_b, int64_t steps,
+                                                           const uint8_t *a0, const uint8_t *a1, const uint8_t *a0l,
+                                                           const uint8_t *a1l, int64_t as, int64_t as_step, const uint8_t *b0,
+                                                           const uint8_t *b1, const uint8_t *b0l, const uint8_t *b1l,
+                                                           int64_t bs_step, int64_t bs, float *c) {
+    _tile_zero(0);
+    if (nb > 1) _tile_zero(1);
+    if (na > 1) _tile_zero(2);
+    if (na > 1 && nb > 1) _tile_zero(3);
+#define KT_DP(c, a, b) do { if (q8) _tile_dpbssd(c, a, b); else _tile_dpbf16ps(c, a, b); } while (0)
+#define KT_DP4()                                                      \
+    do {                                                              \
+        KT_DP(0, 4, 6);                                               \
+        if (nb > 1) KT_DP(1, 4, 7);                                   \
+        if (na > 1) KT_DP(2, 5, 6);                                   \
+        if (na > 1 && nb > 1) KT_DP(3, 5, 7);                         \
+    } while (0)
+    for (int64_t s = 0; s < steps; s++) {
+        const int64_t ao = s * as_step, bo = s * bs_step;
+        _tile_loadd(4, a0 + ao, as);
+        if (na > 1) _tile_loadd(5, a1 + ao, as);
+        _tile_loadd(6, b0 + bo, bs);
+        if (nb > 1) _tile_loadd(7, b1 + bo, bs);
+        KT_DP4();
+        if (split_b) { /* A x B_lo */
+            _tile_loadd(6, b0l + bo, bs);
+            if (nb > 1) _tile_loadd(7, b1l + bo, bs);
+            KT_DP4();
+        }
+        if (split_a) { /* A_lo x B (split_a and split_b are never both set: B is still loaded) */
+            _tile_loadd(4, a0l + ao, as);
+            if (na > 1) _tile_loadd(5, a1l + ao, as);
+            KT_DP4();
+        }
+    }
+#undef KT_DP4
+#undef KT_DP
+    _tile_stored(0, c, 64);
+    if (nb > 1) _tile_stored(1, c + 256, 64);
+    if (na > 1) _tile_stored(2, c + 512, 64);
+    if (na > 1 && nb > 1) _tile_stored(3, c + 768, 64);
+}
+
+#define KT_BLOCK_DISPATCH_AS(q8, na, nb, split_a, split_b, ...)                              \
+    do {                                                                                       \
+        if ((na) == 2 && (nb) == 2) block2x2(q8, 2, 2, split_a, split_b, __VA_ARGS__);         \
+        else if ((na) == 2) block2x2(q8, 2, 1, split_a, split_b, __VA_ARGS__);                 \
+        else if ((nb) == 2) block2x2(q8, 1, 2, split_a, split_b, __VA_ARGS__);                 \
+        else block2x2(q8, 1, 1, split_a, split_b, __VA_ARGS__);                                \
+    } while (0)
+#define KT_BLOCK_DISPATCH(...) KT_BLOCK_DISPATCH_AS(0, __VA_ARGS__)
+
+/* ---- nt: forward ---------------------------------------------------------------------------- */
+
+#define TN_CHUNK 64
+
+/* Scratch: nt's A rows for 32 weight rows [hi: 32 x Kp][lo: 32 x Kp] or tn's B pairs for
+ * TN_CHUNK columns [hi: TN_CHUNK x N32][lo: the same] (uint16), then 4 C tiles. */
+static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
+    const int64_t N32 = round32(N), need = 32 * K_pad > TN_CHUNK * N32 ? 32 * K_pad : TN_CHUNK * N32;
+    const int64_t amx = need + 4 * 256 + 16;
+    const int64_t fb = kt_scratch_floats(fallback(), N, K_pad);
+    return ((amx > fb ? amx : fb) + 15) & ~(int64_t)15;
+}
+
+/* Rows n0 .. n0+rows of W as bf16 A rows of Kp columns: exact quants (int8, scale applied at the
+ * output), or hi/lo halves of the dequantized weight (int4); rows past N are zero. */
+static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t n0, int64_t rows, int64_t Kp,
+                             uint16_t *hi, uint16_t *lo) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t n = n0 + i;
+        uint16_t *h = hi + i * Kp, *l = lo + i * Kp;
+        if (n >= L->N) {
+            memset(h, 0, sizeof(uint16_t) * (size_t)Kp);
+            if (L->format != KT_FORMAT_INT8) memset(l, 0, sizeof(uint16_t) * (size_t)Kp);
+            continue;
+        }
+        const uint8_t *row = w + (size_t)n * L->row_bytes;
+        for (int64_t k = 0; k < Kp; k += 16) {
+            if (L->format == KT_FORMAT_INT8) {
+                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+                _mm256_storeu_si256((__m256i *)(h + k), (__m256i)_mm512_cvtneps_pbh(q));
+            } else {
+                __m256i vh, vl;
+                split_bf16(load16(L, w, n, k), &vh, &vl);
+                _mm256_storeu_si256((__m256i *)(h + k), vh);
+                _mm256_storeu_si256((__m256i *)(l + k), vl);
+            }
+        }
+    }
+}
+
+static void nt_amx(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    if (!g->a_bf16) {
+        fallback()->nt(g);
+        return;
+    }
+    kt_amx_tiles_on();
+    const int64_t Kp = round32(L->K), steps = Kp / 32, Mb = (g->M + 15) / 16;
+    const int direct = L->format == KT_FORMAT_BF16, split = L->format == KT_FORMAT_INT4;
+    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + 32 * Kp;
+    float *c = (float *)(lo + 32 * Kp);
+    c = (float *)(((uintptr_t)c + 63) & ~(uintptr_t)63);
+    const float *dscale = L->format == KT_FORMAT_INT8 ? (const float *)(g->w + L->scales_offset) : NULL;
+    const int64_t vnni_block = 16 * Kp; /* uint16 per 16 tokens */
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += 32) {
+        const int64_t nv = g->hi - n0 < 32 ? g->hi - n0 : 32, na = nv > 16 ? 2 : 1;
+        const uint8_t *a0, *a1, *a0l, *a1l;
+        int64_t as;
+        if (direct && n0 + 16 * na <= L->N) { /* bf16 rows straight from the pack */
+            a0 = g->w + (size_t)n0 * L->row_bytes;
+            as = (int64_t)L->row_bytes;
+        } else {
+            weight_rows_bf16(L, g->w, n0, 16 * na, Kp, hi, lo);
+            a0 = (const uint8_t *)hi;
+            as = Kp * 2;
+        }
+        a1 = a0 + 16 * as;
+        a0l = (const uint8_t *)lo;
+        a1l = a0l + 16 * Kp * 2;
+        for (int64_t mb = 0; mb < Mb; mb += 2) {
+            const int64_t nb = Mb - mb > 1 ? 2 : 1;
+            const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
+            if (split) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, c);
+            else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, c);
+            for (int64_t ia = 0; ia < na; ia++)
+                for (int64_t ib = 0; ib < nb; ib++) {
+                    const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                    const int64_t r0 = n0 + ia * 16, rv = g->hi - r0 < 16 ? g->hi - r0 : 16;
+                    if (rv > 0) write_nt(g, c + (ia * 2 + ib) * 256, m0, mv, r0 - g->lo, rv, dscale ? dscale + r0 : NULL);
+                }
+        }
+    }
+}
+
+/* ---- tn: backward --------------------------------------------------------------------------- */
+
+/* B operand for `tiles` x 16 columns from c0 over all rows: tile t holds, for pair q of rows
+ * (2q, 2q+1), one 64-byte line of 16 (W[2q][c], W[2q+1][c]) pairs at hi + t * N32 * 16 + q * 32;
+ * rows past N are zero; split: the lo halves likewise at lo. Row by row, so each row's stripe is
+ * read once, in order, with the rows a few pairs ahead prefetched (the stripes of consecutive
+ * rows lie a row apart, far beyond what the hardware prefetchers follow). */
+#define TN_PREFETCH_PAIRS 4
+static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t N32,
+                              int split, uint16_t *hi, uint16_t *lo) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i inter = _mm512_loadu_si512(order);
+    const int64_t tile = N32 * 16;
+    const size_t stripe = (size_t)(L->format == KT_FORMAT_BF16 ? 32 * tiles : L->format == KT_FORMAT_INT8 ? 16 * tiles : 8 * tiles);
+    const size_t first = (size_t)(L->format == KT_FORMAT_BF16 ? 2 * c0 : L->format == KT_FORMAT_INT8 ? c0 : c0 / 2);
+    for (int64_t q = 0; q < N32 / 2; q++) {
+        const int64_t n = 2 * q;
+        for (int64_t r = n + 2 * TN_PREFETCH_PAIRS; r < n + 2 * TN_PREFETCH_PAIRS + 2 && r < L->N; r++)
+            for (size_t b = 0; b < stripe; b += 64) _mm_prefetch((const char *)(w + (size_t)r * L->row_bytes + first + b), _MM_HINT_T0);
+        for (int64_t t = 0; t < tiles; t++) {
+            const int64_t c = c0 + 16 * t;
+            const __m512 v0 = n < L->N ? load16(L, w, n, c) : _mm512_setzero_ps();
+            const __m512 v1 = n + 1 < L->N ? load16(L, w, n + 1, c) : _mm512_setzero_ps();
+            if (!split) {
+                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(inter, both));
+                continue;
+            }
+            __m256i h0, l0, h1, l1;
+            split_bf16(v0, &h0, &l0);
+            split_bf16(v1, &h1, &l1);
+            _mm512_storeu_si512(hi + t * tile + q * 32,
+                                _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1)));
+            _mm512_storeu_si512(lo + t * tile + q * 32,
+                                _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(l0), l1, 1)));
+        }
+    }
+}
+
+/* tn works in chunks of TN_CHUNK columns: their B operand (pairs over all N rows, hi and lo) is
+ * built once and stays in L2 while every token block passes over it. */
+
+static void tn_amx(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    if (!g->a_bf16 || g->lo % 16) {
+        fallback()->tn(g);
+        return;
+    }
+    kt_amx_tiles_on();
+    const int64_t N32 = round32(L->N), steps = N32 / 32, Mb = (g->M + 15) / 16, tile = N32 * 16; /* uint16 */
+    const int split = L->format != KT_FORMAT_BF16;
+    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + (TN_CHUNK / 16) * tile;
+    float *c = (float *)(lo + (TN_CHUNK / 16) * tile);
+    c = (float *)(((uintptr_t)c + 63) & ~(uintptr_t)63);
+    const int64_t ablock = 16 * N32 * 2; /* bytes per 16 activation rows (tiles of 1 KiB) */
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += TN_CHUNK) {
+        const int64_t tiles = ((g->hi - c0 < TN_CHUNK ? g->hi - c0 : TN_CHUNK) + 15) / 16;
+        weight_pairs_bf16(L, g->w, c0, tiles, N32, split, hi, lo);
+        for (int64_t mb = 0; mb < Mb; mb += 2) {
+            const int64_t na = Mb - mb > 1 ? 2 : 1;
+            const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32), *a1 = a0 + ablock;
+            for (int64_t t = 0; t < tiles; t += 2) {
+                const int64_t nb = tiles - t > 1 ? 2 : 1;
+                const uint8_t *b0 = (const uint8_t *)(hi + t * tile), *b1 = b0 + tile * 2;
+                const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
+                if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, c);
+                else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, c);
+                for (int64_t ia = 0; ia < na; ia++)
+                    for (int64_t ib = 0; ib < nb; ib++) {
+                        const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                        const int64_t col = c0 + (t + ib) * 16, w = g->hi - col < 16 ? g->hi - col : 16;
+                        write_tn(g, c + (ia * 2 + ib) * 256, m0, mv, col - g->lo, w);
+                    }
+            }
+        }
+    }
+}
+
+/* ---- the int8 compute mode: tdpbssd on int8 weights ------------------------------------------ */
+
+/* 16 x 16 int32 tile [i][j] -> out[m][col + ...]: value = (((float)s * row_scale) * a_scale[m]) *
+ * alpha[m], the scalar path's order, so the results are bitwise the scalar ones (the int32 sums
+ * are exact: |sum| <= 127 * 127 * K < 2^31 for K <= 131072, checked in Python). nt: i = weight
+ * row n (row_scale = d[n]), j = token; tn: i = token, j = column (row_scale = 1). */
+static void write_q8(const kt_gemm *g, const int32_t *c, int nt, int64_t m0, int64_t mv, int64_t col, int64_t nv,
+                     const float *d) {
+    for (int64_t m = 0; m < mv; m++) {
+        float *o = g->out_rows[m0 + m] + col;
+        for (int64_t n = 0; n < nv; n++) {
+            float v = nt ? (float)c[n * 16 + m] * d[n] : (float)c[m * 16 + n];
+            v *= g->a_scale[m0 + m];
+            if (g->alpha) v *= g->alpha[m0 + m];
+            o[n] = g->accumulate ? o[n] + v : v;
+        }
+    }
+}
+
+static void pack_q8_amx(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst) {
+    const int64_t C64 = (C + 63) & ~(int64_t)63, M16 = (M + 15) & ~(int64_t)15;
+    if (M < M16) memset(dst + (M16 - 16) * C64, 0, (size_t)(16 * C64));
+    if (layout == KT_PACK_TILES) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t c = 0; c < C64; c += 64)
+                memcpy(dst + (m / 16) * 16 * C64 + c * 16 + (m % 16) * 64, rows[m] + c, 64);
+        return;
+    }
+    const __m512i lines = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16));
+    for (int64_t m = 0; m < M; m++) {
+        int32_t *blk = (int32_t *)(dst + (m / 16) * 16 * C64) + (m % 16);
+        for (int64_t c = 0; c < C64; c += 64)
+            _mm512_i32scatter_epi32(blk + c * 4, lines, _mm512_loadu_si512(rows[m] + c), 4);
+    }
+}
+
+static void nt_q8_amx(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    if (!g->a_q8 || L->format != KT_FORMAT_INT8) {
+        fallback()->nt_q8(g);
+        return;
+    }
+    kt_amx_tiles_on();
+    const int64_t Kp = (L->K + 63) & ~(int64_t)63, steps = Kp / 64, Mb = (g->M + 15) / 16;
+    int8_t *rows = (int8_t *)g->scratch; /* 32 x Kp, for the rows at the end of the matrix */
+    int32_t *c = (int32_t *)(((uintptr_t)(rows + 32 * Kp) + 63) & ~(uintptr_t)63);
+    const float *d = (const float *)(g->w + L->scales_offset);
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += 32) {
+        const int64_t nv = g->hi - n0 < 32 ? g->hi - n0 : 32, na = nv > 16 ? 2 : 1;
+        const uint8_t *a0;
+        int64_t as;
+        if (n0 + 16 * na <= L->N) { /* int8 rows straight from the pack */
+            a0 = g->w + (size_t)n0 * L->row_bytes;
+            as = (int64_t)L->row_bytes;
+        } else {
+            for (int64_t i = 0; i < 16 * na; i++) {
+                if (n0 + i < L->N) memcpy(rows + i * Kp, g->w + (size_t)(n0 + i) * L->row_bytes, (size_t)Kp);
+                else memset(rows + i * Kp, 0, (size_t)Kp);
+            }
+            a0 = (const uint8_t *)rows;
+            as = Kp;
+        }
+        for (int64_t mb = 0; mb < Mb; mb += 2) {
+            const int64_t nb = Mb - mb > 1 ? 2 : 1;
+            const uint8_t *b0 = (const uint8_t *)(g->a_q8 + mb * 16 * Kp), *b1 = b0 + 16 * Kp;
+            KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a0 + 16 * as, NULL, NULL, as, 64, b0, b1, NULL, NULL,
+                                 1024, 64, (float *)c);
+            for (int64_t ia = 0; ia < na; ia++)
+                for (int64_t ib = 0; ib < nb; ib++) {
+                    const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                    const int64_t r0 = n0 + ia * 16, rv = g->hi - r0 < 16 ? g->hi - r0 : 16;
+                    if (rv > 0) write_q8(g, c + (ia * 2 + ib) * 256, 1, m0, mv, r0 - g->lo, rv, d + r0);
+                }
+        }
+    }
+}
+
+/* B operand for `tiles` x 16 columns from c0: quad q of rows (4q .. 4q+3) as one 64-byte line of
+ * 16 columns x 4 bytes, tile t at out + t * N64 * 16; rows past N zero. Row by row with
+ * prefetch, as weight_pairs_bf16. */
+static void weight_quads_q8(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t N64,
+                            int8_t *out) {
+    for (int64_t q = 0; q < N64 / 4; q++) {
+        const int64_t n = 4 * q;
+        for (int64_t r = n + 4 * TN_PREFETCH_PAIRS; r < n + 4 * TN_PREFETCH_PAIRS + 4 && r < L->N; r++)
+            _mm_prefetch((const char *)(w + (size_t)r * L->row_bytes + c0), _MM_HINT_T0);
+        for (int64_t t = 0; t < tiles; t++) {
+            __m128i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = n + i < L->N ? _mm_loadu_si128((const __m128i *)(w + (size_t)(n + i) * L->row_bytes + c0 + 16 * t))
+                                    : _mm_setzero_si128();
+            const __m128i t0 = _mm_unpacklo_epi8(r[0], r[1]), t1 = _mm_unpackhi_epi8(r[0], r[1]);
+            const __m128i t2 = _mm_unpacklo_epi8(r[2], r[3]), t3 = _mm_unpackhi_epi8(r[2], r[3]);
+            int8_t *line = out + t * N64 * 16 + q * 64;
+            _mm_storeu_si128((__m128i *)line, _mm_unpacklo_epi16(t0, t2));
+            _mm_storeu_si128((__m128i *)(line + 16), _mm_unpackhi_epi16(t0, t2));
+            _mm_storeu_si128((__m128i *)(line + 32), _mm_unpacklo_epi16(t1, t3));
+            _mm_storeu_si128((__m128i *)(line + 48), _mm_unpackhi_epi16(t1, t3));
+        }
+    }
+}
+
+static void tn_q8_amx(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    if (!g->a_q8 || L->format != KT_FORMAT_INT8 || g->lo % 16) {
+        fallback()->tn_q8(g);
+        return;
+    }
+    kt_amx_tiles_on();
+    const int64_t N64 = (L->N + 63) & ~(int64_t)63, steps = N64 / 64, Mb = (g->M + 15) / 16, tile = N64 * 16;
+    int8_t *bq = (int8_t *)g->scratch; /* TN_CHUNK / 16 tiles of quads */
+    int32_t *c = (int32_t *)(((uintptr_t)(bq + (TN_CHUNK / 16) * tile) + 63) & ~(uintptr_t)63);
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += TN_CHUNK) {
+        const int64_t tiles = ((g->hi - c0 < TN_CHUNK ? g->hi - c0 : TN_CHUNK) + 15) / 16;
+        weight_quads_q8(L, g->w, c0, tiles, N64, bq);
+        for (int64_t mb = 0; mb < Mb; mb += 2) {
+            const int64_t na = Mb - mb > 1 ? 2 : 1;
+            const uint8_t *a0 = (const uint8_t *)(g->a_q8 + mb * 16 * N64), *a1 = a0 + 16 * N64;
+            for (int64_t t = 0; t < tiles; t += 2) {
+                const int64_t nb = tiles - t > 1 ? 2 : 1;
+                const uint8_t *b0 = (const uint8_t *)(bq + t * tile), *b1 = b0 + tile;
+                KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, NULL, NULL, 1024,
+                                     64, (float *)c);
+                for (int64_t ia = 0; ia < na; ia++)
+                    for (int64_t ib = 0; ib < nb; ib++) {
+                        const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                        const int64_t col = c0 + (t + ib) * 16, w = g->hi - col < 16 ? g->hi - col : 16;
+                        write_q8(g, c + (ia * 2 + ib) * 256, 0, m0, mv, col - g->lo, w, NULL);
+                    }
+            }
+        }
+    }
+}
+static void dots_amx(const float *M, int64_t r, int64_t n, const float *v, float *t) { fallback()->dots(M, r, n, v, t); }
+static void axpy_amx(float alpha, const float *x, float *y, int64_t n) { fallback()->axpy(alpha, x, y, n); }
+
+#ifndef AMX_ROWS_PER_TASK
+#define AMX_ROWS_PER_TASK 64
+#endif
+#ifndef AMX_COLS_PER_TASK
+#define AMX_COLS_PER_TASK 128
+#endif
+
+const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .nt_q8 = nt_q8_amx, .tn_q8 = tn_q8_amx,
+                                   .dots = dots_amx, .axpy = axpy_amx, .scratch_floats = scratch_floats_amx,
+                                   .pack_bf16 = pack_bf16_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
+                                   .swiglu_bwd = kt_swiglu_bwd_avx512, .rows_per_task = AMX_ROWS_PER_TASK,
+                                   .cols_per_task = AMX_COLS_PER_TASK};
+
+#pragma GCC pop_options
+#endif

@@ -1,0 +1,935 @@
+/* AVX-512 kernels: zmm fp32 FMA (x86-64 only; compiled with a target pragma, chosen at run time).
+ *
+ * The avx2 design on 16-lane registers. Both directions run one register-blocked micro-kernel, a
+ * 12 x 32 fp32 tile of outputs (24 zmm accumulators + 2 panel vectors + a broadcast):
+ *   acc[m][0..32) += a[m][k] * P[k][0..32)      (a[m][k] broadcast, P a packed panel row)
+ * over the contraction index k. The panel P is the dequantized weights in k-major order:
+ *   nt (forward, W[n][k] rows): P[k][j] = W[n0+j][k]  -- 32 rows, transposed 16 x 16 in registers
+ *   tn (backward, W^T):         P[n][j] = W[n][c0+j]  -- 32-column segments of consecutive rows
+ * A panel is built once per 32 outputs and reused by every token of the expert. Few tokens take
+ * other forms that skip the panel (nt: dot products; tn: dequantization in registers), see the
+ * thresholds below.
+ *
+ * The same source is compiled twice: natively (this file) and, with KT_SIMDE defined, against
+ * SIMDe's portable AVX-512 with only AVX2 enabled (kt_kernels_avx512_simde.c), a test path that
+ * proves this code on CPUs without AVX-512. Every AVX-512 intrinsic goes through ZMM(op), which
+ * names _mm512_op or simde_mm512_op; the few SIMDe 0.7.4 lacks are helpers below built from two
+ * ymm halves.
+ */
+#include "kt_internal.h"
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#ifdef KT_SIMDE
+#pragma GCC target("avx2,fma,f16c")
+#include <simde/x86/avx512.h>
+#define ZMM(op) simde_mm512_##op
+#define YMM(op) simde_mm256_##op
+typedef simde__m512 zf;
+typedef simde__m512i zi;
+typedef simde__m256i yi;
+#define KT_TABLE kt_kernels_avx512_simde
+#define KT_TABLE_NAME "avx512-simde"
+#else
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include <immintrin.h>
+#define ZMM(op) _mm512_##op
+#define YMM(op) _mm256_##op
+typedef __m512 zf;
+typedef __m512i zi;
+typedef __m256i yi;
+#define KT_TABLE kt_kernels_avx512
+#define KT_TABLE_NAME "avx512"
+#endif
+
+/* ---- the intrinsics SIMDe 0.7.4 lacks ------------------------------------------------------- */
+
+static inline zi join_i(yi lo, yi hi) { return ZMM(inserti64x4)(ZMM(castsi256_si512)(lo), hi, 1); }
+static inline yi lo_i(zi v) { return ZMM(castsi512_si256)(v); }
+static inline yi hi_i(zi v) { return ZMM(extracti64x4_epi64)(v, 1); }
+
+/* 16 int8 / uint8 / uint16 at p widened to 16 int32. */
+static inline zi load_i8x16(const void *p) {
+#ifdef KT_SIMDE
+    const simde__m128i v = simde_mm_loadu_si128(p);
+    return join_i(YMM(cvtepi8_epi32)(v), YMM(cvtepi8_epi32)(simde_mm_unpackhi_epi64(v, v)));
+#else
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(p));
+#endif
+}
+
+static inline zi load_u8x16(const void *p) {
+#ifdef KT_SIMDE
+    const simde__m128i v = simde_mm_loadu_si128(p);
+    return join_i(YMM(cvtepu8_epi32)(v), YMM(cvtepu8_epi32)(simde_mm_unpackhi_epi64(v, v)));
+#else
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
+#endif
+}
+
+static inline zi load_u16x16(const void *p) {
+#ifdef KT_SIMDE
+    const yi v = YMM(loadu_si256)(p);
+    return join_i(YMM(cvtepu16_epi32)(YMM(castsi256_si128)(v)), YMM(cvtepu16_epi32)(YMM(extracti128_si256)(v, 1)));
+#else
+    return _mm512_cvtepu16_epi32(_mm256_loadu_si256(p));
+#endif
+}
+
+static inline zf cvt_ps(zi v) {
+#ifdef KT_SIMDE
+    return ZMM(insertf32x8)(ZMM(castps256_ps512)(YMM(cvtepi32_ps)(lo_i(v))), YMM(cvtepi32_ps)(hi_i(v)), 1);
+#else
+    return _mm512_cvtepi32_ps(v);
+#endif
+}
+
+/* Sum of the 16 lanes: halves, then the avx2 tree. */
+static inline float hsum16(zf v) {
+    const zi u = ZMM(castps_si512)(v);
+    const __m256 s8 = _mm256_add_ps(_mm256_castsi256_ps((__m256i)lo_i(u)), _mm256_castsi256_ps((__m256i)hi_i(u)));
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define MR 12
+#define NR 32
+
+/* ---- dequantization ------------------------------------------------------------------------- */
+
+static inline const uint8_t *row_of(const kt_matrix_layout *L, const uint8_t *mat, int64_t n) {
+    return mat + (size_t)n * L->row_bytes;
+}
+
+static inline float int8_scale(const kt_matrix_layout *L, const uint8_t *mat, int64_t n) {
+    return ((const float *)(mat + L->scales_offset))[n];
+}
+
+static inline float int4_scale(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t b) {
+    return _cvtsh_ss(((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b]);
+}
+
+/* 16 dequantized weights W[n][k .. k+16), k a multiple of 16 inside K_pad. fmt is a constant in
+ * every caller (always inlined), so the switch folds away. w = (q - 8) d for int4 is exact in
+ * fp32 (a 4-bit integer times an fp16 value), so q d - 8 d in one FMA gives the same bits. */
+static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
+                                                      int64_t n, int64_t k) {
+    const uint8_t *row = row_of(L, mat, n);
+    switch (fmt) {
+    case KT_FORMAT_BF16:
+        return ZMM(castsi512_ps)(ZMM(slli_epi32)(load_u16x16(row + 2 * k), 16));
+    case KT_FORMAT_INT8:
+        return ZMM(mul_ps)(cvt_ps(load_i8x16(row + k)), ZMM(set1_ps)(int8_scale(L, mat, n)));
+    default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
+        const int64_t b = k / KT_INT4_BLOCK;
+        const zi q = ZMM(and_si512)(ZMM(srli_epi32)(load_u8x16(row + b * (KT_INT4_BLOCK / 2)), (k % KT_INT4_BLOCK) ? 4 : 0),
+                                    ZMM(set1_epi32)(0xf));
+        const float d = int4_scale(L, mat, n, b);
+        return ZMM(fmadd_ps)(cvt_ps(q), ZMM(set1_ps)(d), ZMM(set1_ps)(-8.0f * d));
+    }
+    }
+}
+
+/* In place: r[j] becomes column j of the 16 x 16 matrix whose rows were r[0..16). After the
+ * in-lane steps r[4g+c] holds, in 128-bit lane l, column 4l+c of rows 4g..4g+3; two rounds of
+ * 128-bit lane shuffles gather the four row groups. */
+static inline void transpose16(zf r[16]) {
+    zf t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = ZMM(unpacklo_ps)(r[i], r[i + 1]);
+        t[i + 1] = ZMM(unpackhi_ps)(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        r[g] = ZMM(shuffle_ps)(t[g], t[g + 2], 0x44);
+        r[g + 1] = ZMM(shuffle_ps)(t[g], t[g + 2], 0xee);
+        r[g + 2] = ZMM(shuffle_ps)(t[g + 1], t[g + 3], 0x44);
+        r[g + 3] = ZMM(shuffle_ps)(t[g + 1], t[g + 3], 0xee);
+    }
+    for (int c = 0; c < 4; c++) {
+        t[c] = ZMM(shuffle_f32x4)(r[c], r[4 + c], 0x88);
+        t[4 + c] = ZMM(shuffle_f32x4)(r[c], r[4 + c], 0xdd);
+        t[8 + c] = ZMM(shuffle_f32x4)(r[8 + c], r[12 + c], 0x88);
+        t[12 + c] = ZMM(shuffle_f32x4)(r[8 + c], r[12 + c], 0xdd);
+    }
+    for (int c = 0; c < 4; c++) {
+        r[c] = ZMM(shuffle_f32x4)(t[c], t[8 + c], 0x88);
+        r[8 + c] = ZMM(shuffle_f32x4)(t[c], t[8 + c], 0xdd);
+        r[4 + c] = ZMM(shuffle_f32x4)(t[4 + c], t[12 + c], 0x88);
+        r[12 + c] = ZMM(shuffle_f32x4)(t[4 + c], t[12 + c], 0xdd);
+    }
+}
+
+/* P[k][j] = W[n0 + j][k] for k < Kr (K rounded up to 32), j < 32; rows past N are zero.
+ * Per 32-column step of 16 rows: bf16 splits one 64-byte load per row into its even (<< 16) and
+ * odd (& 0xffff0000) elements, one instruction per 16 weights, and stores the transposed vectors
+ * at k+2i and k+2i+1; int8 and int4 widen 16 weights per instruction in order. */
+static inline __attribute__((always_inline)) void panel_rows_fmt(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
+                                                                 int64_t n0, int64_t Kr, float *P) {
+    const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
+    const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
+    for (int64_t k = 0; k < Kr; k += 32) {
+        for (int half = 0; half < 2; half++) {
+            zf r0[16], r1[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t j = half * 16 + i;
+                if (j >= rows) {
+                    r0[i] = r1[i] = ZMM(setzero_ps)();
+                } else if (fmt == KT_FORMAT_BF16) {
+                    const zi v = ZMM(loadu_si512)(row_of(L, mat, n0 + j) + 2 * k);
+                    r0[i] = ZMM(castsi512_ps)(ZMM(slli_epi32)(v, 16));
+                    r1[i] = ZMM(castsi512_ps)(ZMM(and_si512)(v, hi16));
+                } else {
+                    r0[i] = load16(fmt, L, mat, n0 + j, k);
+                    r1[i] = load16(fmt, L, mat, n0 + j, k + 16);
+                }
+            }
+            transpose16(r0);
+            transpose16(r1);
+            float *dst = P + k * NR + half * 16;
+            if (fmt == KT_FORMAT_BF16) {
+                for (int i = 0; i < 16; i++) {
+                    ZMM(store_ps)(dst + (2 * i) * NR, r0[i]);
+                    ZMM(store_ps)(dst + (2 * i + 1) * NR, r1[i]);
+                }
+            } else {
+                for (int i = 0; i < 16; i++) {
+                    ZMM(store_ps)(dst + i * NR, r0[i]);
+                    ZMM(store_ps)(dst + (16 + i) * NR, r1[i]);
+                }
+            }
+        }
+    }
+}
+
+static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr, float *P) {
+    switch (L->format) {
+    case KT_FORMAT_BF16: panel_rows_fmt(KT_FORMAT_BF16, L, mat, n0, Kr, P); break;
+    case KT_FORMAT_INT8: panel_rows_fmt(KT_FORMAT_INT8, L, mat, n0, Kr, P); break;
+    default: panel_rows_fmt(KT_FORMAT_INT4, L, mat, n0, Kr, P); break;
+    }
+}
+
+/* P[n][j] = W[n][c0 + j] for n < N, j < width (<= 32; c0 a multiple of 16, inside K_pad); the
+ * second half is zero when width <= 16, so no load reaches past the row. */
+static inline __attribute__((always_inline)) void panel_columns_fmt(int fmt, const kt_matrix_layout *L,
+                                                                    const uint8_t *mat, int64_t c0, int64_t width,
+                                                                    float *P) {
+    for (int64_t n = 0; n < L->N; n++) {
+        ZMM(store_ps)(P + n * NR, load16(fmt, L, mat, n, c0));
+        ZMM(store_ps)(P + n * NR + 16, width > 16 ? load16(fmt, L, mat, n, c0 + 16) : ZMM(setzero_ps)());
+    }
+}
+
+static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width, float *P) {
+    switch (L->format) {
+    case KT_FORMAT_BF16: panel_columns_fmt(KT_FORMAT_BF16, L, mat, c0, width, P); break;
+    case KT_FORMAT_INT8: panel_columns_fmt(KT_FORMAT_INT8, L, mat, c0, width, P); break;
+    default: panel_columns_fmt(KT_FORMAT_INT4, L, mat, c0, width, P); break;
+    }
+}
+
+/* ---- the micro-kernel ----------------------------------------------------------------------- */
+
+/* acc += p * broadcast(*ptr). Natively the broadcast is the FMA's memory operand ({1to16}): GCC
+ * keeps a broadcast used by two FMAs in a register, and a separate vbroadcastss takes an FP-pipe
+ * slot on Zen 4 (llvm-mca: 36 instead of 24 cycles per step of the 12 x 32 tile). */
+#ifdef KT_SIMDE
+#define FMA_BCAST(acc, p, ptr) ((acc) = ZMM(fmadd_ps)(ZMM(set1_ps)(*(ptr)), (p), (acc)))
+#else
+#define FMA_BCAST(acc, p, ptr) __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(ptr)))
+#endif
+
+/* c[R][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load), R <= MR rows.
+ * Step k's two panel vectors come from the panel P (fmt < 0), or straight from row k of the packed
+ * matrix of format fmt at columns c0 and c1 (dequantized in registers: the transposed product with few
+ * tokens). Always inlined with constant R and fmt, so each instance gets its own loop. */
+static inline __attribute__((always_inline)) void ukernel_any(int R, int64_t Kc, const float *const *a, const float *P,
+                                                              int fmt, const kt_matrix_layout *L, const uint8_t *w,
+                                                              int64_t c0, int64_t c1, float (*c)[NR], int load) {
+    /* Named accumulators, not an array: the asm operands of FMA_BCAST would pin an array in memory. */
+#define KT_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define KT_INIT(i)                                                                                  \
+    zf c##i##a = ZMM(setzero_ps)(), c##i##b = ZMM(setzero_ps)();                                    \
+    const float *a##i = (i) < R ? a[(i) < R ? (i) : 0] : NULL;                                      \
+    if ((i) < R && load) {                                                                          \
+        c##i##a = ZMM(loadu_ps)(c[i]);                                                              \
+        c##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
+    }
+#define KT_STEP(i)                                                                                  \
+    if ((i) < R) {                                                                                  \
+        FMA_BCAST(c##i##a, p0, a##i + k);                                                           \
+        FMA_BCAST(c##i##b, p1, a##i + k);                                                           \
+    }
+#define KT_STORE(i)                                                                                 \
+    if ((i) < R) {                                                                                  \
+        ZMM(storeu_ps)(c[i], c##i##a);                                                              \
+        ZMM(storeu_ps)(c[i] + 16, c##i##b);                                                         \
+    }
+    _Static_assert(MR == 12, "KT_ROWS lists MR rows");
+    KT_ROWS(KT_INIT)
+    for (int64_t k = 0; k < Kc; k++) {
+        const zf p0 = fmt < 0 ? ZMM(load_ps)(P + k * NR) : load16(fmt, L, w, k, c0);
+        const zf p1 = fmt < 0 ? ZMM(load_ps)(P + k * NR + 16) : load16(fmt, L, w, k, c1);
+        KT_ROWS(KT_STEP)
+    }
+    KT_ROWS(KT_STORE)
+#undef KT_ROWS
+#undef KT_INIT
+#undef KT_STEP
+#undef KT_STORE
+}
+
+typedef void (*ukernel_fn)(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load);
+typedef void (*ukernel_direct_fn)(int64_t N, const float *const *a, const kt_matrix_layout *L, const uint8_t *w,
+                                  int64_t c0, int64_t c1, float (*c)[NR]);
+
+#define KT_UKERNELS(R)                                                                                          \
+    static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
+        ukernel_any(R, Kc, a, P, -1, NULL, NULL, 0, 0, c, load);                                                 \
+    }                                                                                                           \
+    static void ukernel_direct_bf16_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
+                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
+        ukernel_any(R, N, a, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
+    }                                                                                                           \
+    static void ukernel_direct_int8_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
+                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
+        ukernel_any(R, N, a, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
+    }                                                                                                           \
+    static void ukernel_direct_int4_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
+                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
+        ukernel_any(R, N, a, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
+    }
+KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UKERNELS(6)
+KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
+#undef KT_UKERNELS
+
+_Static_assert(MR == 12, "the tables below list one kernel per tile height 1..MR");
+static const ukernel_fn ukernels[MR + 1] = {NULL, ukernel_1, ukernel_2, ukernel_3, ukernel_4, ukernel_5,
+                                            ukernel_6, ukernel_7, ukernel_8, ukernel_9, ukernel_10, ukernel_11,
+                                            ukernel_12};
+#define KT_DIRECT_TABLE(F)                                                                                      \
+    {NULL, ukernel_direct_##F##_1, ukernel_direct_##F##_2, ukernel_direct_##F##_3, ukernel_direct_##F##_4,      \
+     ukernel_direct_##F##_5, ukernel_direct_##F##_6, ukernel_direct_##F##_7, ukernel_direct_##F##_8,            \
+     ukernel_direct_##F##_9, ukernel_direct_##F##_10, ukernel_direct_##F##_11, ukernel_direct_##F##_12}
+static const ukernel_direct_fn ukernels_direct[3][MR + 1] = {
+    [KT_FORMAT_BF16] = KT_DIRECT_TABLE(bf16), [KT_FORMAT_INT8] = KT_DIRECT_TABLE(int8),
+    [KT_FORMAT_INT4] = KT_DIRECT_TABLE(int4)};
+#undef KT_DIRECT_TABLE
+
+/* Tile t of M rows split into ceil(M / MR) tiles of near-equal height (no tile of 1-3 rows when it
+ * can be avoided: those would wait on the FMA latency). */
+static inline void tile_of(int64_t M, int64_t t, int64_t *m0, int64_t *rows) {
+    const int64_t n = (M + MR - 1) / MR, base = M / n, extra = M % n;
+    *m0 = t * base + (t < extra ? t : extra);
+    *rows = base + (t < extra);
+}
+
+/* ---- blocking and write-back ---------------------------------------------------------------- */
+
+/* Cache blocking: a KC-deep slice of the panel (KC * 32 floats = 32 KB) stays in L1 while the
+ * tiles of up to MC tokens walk over it; their partial sums wait in a small C buffer. */
+#ifndef KC
+#define KC 256
+#endif
+#define MC 96
+
+/* out[m][col .. col+width) (+)= alpha[m] * c[i] for the tile rows i of tokens m = m0 + i. */
+static void write_tile(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR], int64_t col, int64_t width) {
+    for (int64_t i = 0; i < rows; i++) {
+        const float *acc = c[i];
+        float *o = g->out_rows[m0 + i] + col;
+        const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
+        if (width == NR) {
+            zf v0 = ZMM(mul_ps)(ZMM(loadu_ps)(acc), ZMM(set1_ps)(s));
+            zf v1 = ZMM(mul_ps)(ZMM(loadu_ps)(acc + 16), ZMM(set1_ps)(s));
+            if (g->accumulate) {
+                v0 = ZMM(add_ps)(v0, ZMM(loadu_ps)(o));
+                v1 = ZMM(add_ps)(v1, ZMM(loadu_ps)(o + 16));
+            }
+            ZMM(storeu_ps)(o, v0);
+            ZMM(storeu_ps)(o + 16, v1);
+        } else {
+            for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[j] : s * acc[j];
+        }
+    }
+}
+
+/* Runs the micro-kernel over all M rows for one panel (contraction length Kc) and writes columns
+ * [col, col+width) of the outputs (col relative to the output rows). */
+static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64_t col, int64_t width,
+                             float (*cbuf)[NR]) {
+    for (int64_t mc = 0; mc < g->M; mc += MC) {
+        const int64_t mlen = g->M - mc < MC ? g->M - mc : MC, tiles = (mlen + MR - 1) / MR;
+        for (int64_t k0 = 0; k0 < Kc; k0 += KC) {
+            const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t m0, rows;
+                tile_of(mlen, t, &m0, &rows);
+                const float *a[MR];
+                for (int i = 0; i < rows; i++) a[i] = (const float *)g->a_rows[mc + m0 + i] + k0;
+                ukernels[rows](kl, a, P + k0 * NR, cbuf + m0, k0 > 0);
+            }
+        }
+        write_tile(g, mc, mlen, cbuf, col, width);
+    }
+}
+
+/* ---- nt: the forward direction -------------------------------------------------------------- */
+
+/* Dot form for few tokens (no panel): a 4-token x 4-row tile of 16-lane partial sums, the weights
+ * dequantized in registers as they stream from L1, one horizontal sum per output at the end. The
+ * token rows are first copied, zero-padded to Kr, into A (bf16: each 32-block split into its even
+ * and odd elements, matching the weights' split, one instruction per 16 weights). int8 sums the
+ * integer quants and applies the row scale once per output. int4's unpacking costs more than the
+ * panel it would save, so int4 always builds panels. */
+#define DOT_MR 4
+#define DOT_NR 4
+
+static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_gemm *g, float *A) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K = L->K, Kr = (K + 31) & ~(int64_t)31, Mr = (g->M + DOT_MR - 1) / DOT_MR * DOT_MR;
+    const zi even = ZMM(setr_epi32)(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const zi odd = ZMM(add_epi32)(even, ZMM(set1_epi32)(1));
+    for (int64_t m = 0; m < Mr; m++) {
+        float *d = A + m * Kr;
+        if (m >= g->M) {
+            memset(d, 0, sizeof(float) * (size_t)Kr);
+            continue;
+        }
+        const float *s = g->a_rows[m];
+        if (fmt != KT_FORMAT_BF16) {
+            memcpy(d, s, sizeof(float) * (size_t)K);
+            memset(d + K, 0, sizeof(float) * (size_t)(Kr - K));
+            continue;
+        }
+        for (int64_t k = 0; k < Kr; k += 32) {
+            float tail[32];
+            const float *src = s + k;
+            if (k + 32 > K) { /* the last, partial block: zero-padded copy */
+                memset(tail, 0, sizeof tail);
+                memcpy(tail, s + k, sizeof(float) * (size_t)(K - k));
+                src = tail;
+            }
+            const zf lo = ZMM(loadu_ps)(src), hi = ZMM(loadu_ps)(src + 16);
+            ZMM(store_ps)(d + k, ZMM(permutex2var_ps)(lo, even, hi));
+            ZMM(store_ps)(d + k + 16, ZMM(permutex2var_ps)(lo, odd, hi));
+        }
+    }
+    const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += DOT_NR) {
+        const uint8_t *w[DOT_NR];
+        for (int r = 0; r < DOT_NR; r++) w[r] = row_of(L, g->w, n0 + r < g->hi ? n0 + r : g->hi - 1);
+        for (int64_t m0 = 0; m0 < g->M; m0 += DOT_MR) {
+            const float *a = A + m0 * Kr;
+            zf c[DOT_MR][DOT_NR];
+            for (int i = 0; i < DOT_MR; i++)
+                for (int r = 0; r < DOT_NR; r++) c[i][r] = ZMM(setzero_ps)();
+            for (int64_t k = 0; k < Kr; k += 32) {
+                zf w0[DOT_NR], w1[DOT_NR];
+                for (int r = 0; r < DOT_NR; r++) {
+                    if (fmt == KT_FORMAT_BF16) {
+                        const zi v = ZMM(loadu_si512)(w[r] + 2 * k);
+                        w0[r] = ZMM(castsi512_ps)(ZMM(slli_epi32)(v, 16));
+                        w1[r] = ZMM(castsi512_ps)(ZMM(and_si512)(v, hi16));
+                    } else {
+                        w0[r] = cvt_ps(load_i8x16(w[r] + k));
+                        w1[r] = cvt_ps(load_i8x16(w[r] + k + 16));
+                    }
+                }
+                for (int i = 0; i < DOT_MR; i++) {
+                    const zf x0 = ZMM(load_ps)(a + i * Kr + k), x1 = ZMM(load_ps)(a + i * Kr + k + 16);
+                    for (int r = 0; r < DOT_NR; r++) {
+                        c[i][r] = ZMM(fmadd_ps)(x0, w0[r], c[i][r]);
+                        c[i][r] = ZMM(fmadd_ps)(x1, w1[r], c[i][r]);
+                    }
+                }
+            }
+            for (int i = 0; i < DOT_MR && m0 + i < g->M; i++) {
+                const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
+                float *o = g->out_rows[m0 + i] + (n0 - g->lo);
+                for (int r = 0; r < DOT_NR && n0 + r < g->hi; r++) {
+                    float v = hsum16(c[i][r]);
+                    if (fmt == KT_FORMAT_INT8) v *= int8_scale(L, g->w, n0 + r);
+                    v *= s;
+                    o[r] = g->accumulate ? o[r] + v : v;
+                }
+            }
+        }
+    }
+}
+
+/* Up to this many tokens per expert the forward uses the dot form for bf16 and int8 weights
+ * (measured on one Emerald Rapids core, N=2816, K=2048, 32-row tasks: dot ~80 GFLOP/s flat for
+ * M = 4..16; panels 32 at M=4, 58 at 8, 72 at 12, 88 at 16). */
+#ifndef NT_DOT_MAX_M
+#define NT_DOT_MAX_M 12
+#endif
+
+/* Scratch: [panel: NR * max(Kr, N)][C buffer: (MC + MR) * NR] floats (the dot form keeps its
+ * padded token rows, at most NT_DOT_MAX_M of them, in the panel's place). */
+static int64_t scratch_floats_avx512(int64_t N, int64_t K_pad) {
+    const int64_t m = (N > K_pad ? N : K_pad) + 32;
+    return NR * m + (MC + MR) * NR + 16;
+}
+
+static void nt_dot_bf16(const kt_gemm *g, float *A) { nt_dot_fmt(KT_FORMAT_BF16, g, A); }
+static void nt_dot_int8(const kt_gemm *g, float *A) { nt_dot_fmt(KT_FORMAT_INT8, g, A); }
+
+static void nt_avx512(const kt_gemm *g) {
+    const int64_t K = g->L->K, Kr = (K + 31) & ~(int64_t)31;
+    float *P = g->scratch;
+    float (*cbuf)[NR] = (float (*)[NR])(P + NR * Kr);
+    if (g->M <= NT_DOT_MAX_M && g->L->format == KT_FORMAT_BF16) {
+        nt_dot_bf16(g, P);
+        return;
+    }
+    if (g->M <= NT_DOT_MAX_M && g->L->format == KT_FORMAT_INT8) {
+        nt_dot_int8(g, P);
+        return;
+    }
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
+        panel_rows_transposed(g->L, g->w, n0, Kr, P);
+        const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
+        panel_times_rows(g, P, K, n0 - g->lo, width, cbuf);
+    }
+}
+
+/* ---- tn: the backward direction ------------------------------------------------------------- */
+
+/* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
+ * building a panel: a panel read by a single tile does not repay its stores and reloads (same
+ * core, 64-column tasks: direct 25-39 vs panel 20-30 GFLOP/s at M = 4..8, even at 12-16). */
+#ifndef TN_DIRECT_MAX_M
+#define TN_DIRECT_MAX_M MR
+#endif
+
+static void tn_avx512(const kt_gemm *g) {
+    const int64_t N = g->L->N;
+    assert(g->lo % 16 == 0); /* tasks split the columns in multiples of 32 */
+    float *P = g->scratch;
+    float (*cbuf)[NR] = (float (*)[NR])(P + NR * ((N + 31) & ~(int64_t)31));
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
+        const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
+        if (g->M <= TN_DIRECT_MAX_M) {
+            const int64_t tiles = (g->M + MR - 1) / MR;
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t m0, rows;
+                tile_of(g->M, t, &m0, &rows);
+                const float *a[MR];
+                for (int i = 0; i < rows; i++) a[i] = g->a_rows[m0 + i];
+                ukernels_direct[g->L->format][rows](N, a, g->L, g->w, c0, width > 16 ? c0 + 16 : c0, cbuf);
+                write_tile(g, m0, rows, cbuf, c0 - g->lo, width);
+            }
+            continue;
+        }
+        panel_columns(g->L, g->w, c0, width, P);
+        panel_times_rows(g, P, N, c0 - g->lo, width, cbuf);
+    }
+}
+
+/* ---- int8 activations: vpdpbusd (AVX512-VNNI) ------------------------------------------------ */
+
+/* The int8 compute mode's products (kt_gemm.a_scale != NULL) on vpdpbusd, which sums four u8 x s8
+ * products into each int32 lane: acc[j] += sum_{i<4} u[4j+i] * s[4j+i]. The weights' panel holds
+ * int8 quads -- 4 consecutive elements of the contraction per 32-bit lane -- for 32 outputs, built
+ * once per panel in cache and reused by every token (as the fp32 panels above):
+ *   nt (forward):  P[q][j] = W[n0+j][4q .. 4q+4)       (int8 quants; int4 as q - 8 in [-8, 7])
+ *   tn (backward): P[q][j] = W[4q .. 4q+4)[c0+j]       (int8 quants, 4 rows interleaved bytewise)
+ * and a token's quad of activations is broadcast to the 16 lanes.
+ *
+ * u8 x s8 with signed activations: the broadcast is biased to a + 128 (xor 0x80, in [1, 255]) and
+ * the panel keeps the signed weights, so sum (a + 128) w = sum a w + 128 sum w, and 128 sum w per
+ * output column (per 32-block for int4) is a property of the panel, computed when it is built:
+ *   sum a w = acc - corr,  corr[j] = 128 * sum_q (sum of P[q][j]'s four bytes).
+ * Exactness: only the non-saturating vpdpbusd (never vpdpbusds) and wrapping vpsubd are used, so acc
+ * and corr are exact modulo 2^32; acc can pass 2^31 for K > 66,311 (255 * 127 * K), but the result
+ * |sum a w| <= 127 * 127 * K < 2^31 for K <= 131072 (kt_sft checks that bound in Python), so the
+ * wrapped difference is the exact sum. The integer sums equal the scalar path's, and the fp32
+ * epilogue repeats its operations in its order (int8: ((s * d[n]) * a_scale) * alpha, then + out;
+ * int4: acc += s_b * d_b per block, no FMA), so the results are bitwise those of kt_nt_q8_scalar /
+ * kt_tn_q8_scalar.
+ *
+ * Register tiles: int8 12 tokens x 32 outputs (24 int32 accumulators, 2 panel vectors, a broadcast);
+ * int4 6 x 32 (12 int32 block sums + 12 fp32 accumulators), folding each 32-block's sums into fp32
+ * with the block's scale. The panel is at most K_pad * 32 bytes (64 KiB at K = 2048), read from L2
+ * at ~5 bytes per vpdpbusd, so the whole contraction runs in registers without K blocking.
+ *
+ * The avx512 table needs only F/BW/VL/DQ: the entries check VNNI at run time and use the scalar
+ * products without it (a CPU without AVX512-VNNI never executes vpdpbusd). The SIMDe twin emulates
+ * vpdpbusd bit-exactly on any AVX2 CPU. */
+#ifdef KT_SIMDE
+#define KT_VNNI_TARGET
+#define KT_HAVE_VNNI() 1
+#else
+#define KT_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define KT_HAVE_VNNI() ((kt_cpu_features() & KT_CPU_AVX512VNNI) != 0)
+#endif
+
+#define QMR8 12  /* int8 tile height */
+#define QMR4 6   /* int4 tile height */
+#define QNR 32   /* outputs per panel (two zmm of int32 lanes) */
+#define Q8_MAX_K 131072
+
+/* Tile t of M rows split into ceil(M / mr) tiles of near-equal height. */
+static inline void q_tile_of(int64_t M, int64_t mr, int64_t t, int64_t *m0, int64_t *rows) {
+    const int64_t n = (M + mr - 1) / mr, base = M / n, extra = M % n;
+    *m0 = t * base + (t < extra ? t : extra);
+    *rows = base + (t < extra);
+}
+
+/* The biased broadcast of a token's quad a[4q .. 4q+4). */
+static inline __attribute__((always_inline)) zi bcast_quad(const int8_t *a, int64_t q) {
+    int32_t v;
+    memcpy(&v, a + 4 * q, 4);
+    return ZMM(xor_si512)(ZMM(set1_epi32)(v), ZMM(set1_epi32)((int)0x80808080u));
+}
+
+/* acc[i][0..2) (+)= sum_{q in [q0, q1)} bcast(a[i], q) . P[q] (int32 lanes), R <= QMR8 rows; always
+ * inlined with a constant R, so each tile height gets its own loop. */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R, int64_t q0, int64_t q1,
+                                                                          const int8_t *const *a,
+                                                                          const int32_t *P, zi acc[][2]) {
+    for (int64_t q = q0; q < q1; q++) {
+        const zi p0 = ZMM(load_si512)(P + q * QNR), p1 = ZMM(load_si512)(P + q * QNR + 16);
+        for (int i = 0; i < R; i++) {
+            const zi b = bcast_quad(a[i], q);
+            acc[i][0] = ZMM(dpbusd_epi32)(acc[i][0], b, p0);
+            acc[i][1] = ZMM(dpbusd_epi32)(acc[i][1], b, p1);
+        }
+    }
+}
+
+/* The fp32 epilogue of one output row: v = ((v * a_scale) * alpha) (+ out), columns [0, width). */
+static inline void q8_store_row(const kt_gemm *g, int64_t m, int64_t col, int64_t width, zf v0, zf v1) {
+    float *o = g->out_rows[m] + col;
+    v0 = ZMM(mul_ps)(v0, ZMM(set1_ps)(g->a_scale[m]));
+    v1 = ZMM(mul_ps)(v1, ZMM(set1_ps)(g->a_scale[m]));
+    if (g->alpha) {
+        v0 = ZMM(mul_ps)(v0, ZMM(set1_ps)(g->alpha[m]));
+        v1 = ZMM(mul_ps)(v1, ZMM(set1_ps)(g->alpha[m]));
+    }
+    if (width == QNR) {
+        if (g->accumulate) {
+            v0 = ZMM(add_ps)(ZMM(loadu_ps)(o), v0);
+            v1 = ZMM(add_ps)(ZMM(loadu_ps)(o + 16), v1);
+        }
+        ZMM(storeu_ps)(o, v0);
+        ZMM(storeu_ps)(o + 16, v1);
+    } else {
+        float tmp[QNR];
+        ZMM(storeu_ps)(tmp, v0);
+        ZMM(storeu_ps)(tmp + 16, v1);
+        for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + tmp[j] : tmp[j];
+    }
+}
+
+/* 128 * (sum of each lane's four signed bytes), accumulated into s. */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET zi quad_sums(zi s, zi v) {
+    return ZMM(dpbusd_epi32)(s, ZMM(set1_epi8)(1), v);
+}
+
+/* nt panel of rows [n0, n0 + rows): P[q][j] for q < K_pad / 4 (rounded up to 16 quads; rows past
+ * `rows` and columns past K_pad are zero), and corr[b][j] = 128 * sum of row j's quants over
+ * contraction block b (blk_q quads: the whole row for int8, 8 quads = one 32-block for int4). */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(int fmt, const kt_matrix_layout *L,
+                                                                               const uint8_t *mat, int64_t n0,
+                                                                               int64_t rows, int32_t *P,
+                                                                               int32_t *corr) {
+    const int64_t K_pad = L->K_pad, blk_q = fmt == KT_FORMAT_INT8 ? K_pad / 4 : KT_INT4_BLOCK / 4;
+    const zi lo4 = ZMM(set1_epi8)(0x0f), eight = ZMM(set1_epi8)(8);
+    zi s[2] = {ZMM(setzero_si512)(), ZMM(setzero_si512)()};
+    for (int64_t k = 0; k < K_pad; k += 64) {
+        for (int half = 0; half < 2; half++) {
+            zf r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t j = half * 16 + i;
+                zi v = ZMM(setzero_si512)();
+                if (j < rows) {
+                    const uint8_t *row = row_of(L, mat, n0 + j);
+                    if (fmt == KT_FORMAT_INT8) {
+                        v = ZMM(loadu_si512)(row + k);
+                    } else { /* two 32-blocks (or the last one): low nibbles are elements 0..15 */
+                        const int two = k + 64 <= K_pad;
+                        const yi p = two ? YMM(loadu_si256)((const void *)(row + k / 2))
+                                         : YMM(castsi128_si256)(_mm_loadu_si128((const void *)(row + k / 2)));
+                        const zi w = join_i(YMM(permute2x128_si256)(p, p, 0x00), YMM(permute2x128_si256)(p, p, 0x11));
+                        /* w = [blk0, blk0, blk1, blk1] (16 bytes each): low nibbles, then high ones */
+                        const zi lo = ZMM(and_si512)(w, lo4), hi = ZMM(and_si512)(ZMM(srli_epi16)(w, 4), lo4);
+                        v = ZMM(sub_epi8)(ZMM(mask_blend_epi64)(0xcc, lo, hi), eight);
+                        if (!two) v = ZMM(inserti64x4)(v, YMM(setzero_si256)(), 1);
+                    }
+                }
+                r[i] = ZMM(castsi512_ps)(v);
+            }
+            transpose16(r);
+            for (int i = 0; i < 16; i++) {
+                const zi v = ZMM(castps_si512)(r[i]);
+                const int64_t q = k / 4 + i;
+                ZMM(store_si512)(P + q * QNR + half * 16, v);
+                if (q < K_pad / 4) {
+                    s[half] = quad_sums(s[half], v);
+                    if ((q + 1) % blk_q == 0) {
+                        ZMM(store_si512)(corr + (q / blk_q) * QNR + half * 16, ZMM(slli_epi32)(s[half], 7));
+                        s[half] = ZMM(setzero_si512)();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* out[m][n - lo] (+)= alpha[m] * a_scale[m] * d[n] * sum_k q[m][k] Wq[n][k], int8 weights. */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int8_tile(int R, const kt_gemm *g,
+                                                                                 int64_t m0, const int32_t *P,
+                                                                                 const int32_t *corr, zf d0,
+                                                                                 zf d1, int64_t col,
+                                                                                 int64_t width) {
+    const int8_t *a[QMR8];
+    zi acc[QMR8][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = g->a_rows[m0 + i];
+        acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
+    }
+    q8_steps(R, 0, g->L->K_pad / 4, a, P, acc);
+    const zi c0 = ZMM(load_si512)(corr), c1 = ZMM(load_si512)(corr + 16);
+    for (int i = 0; i < R; i++) {
+        const zf v0 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)), d0);
+        const zf v1 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)), d1);
+        q8_store_row(g, m0 + i, col, width, v0, v1);
+    }
+}
+
+/* int4 weights: per 32-block b, s_b = sum q[m][k] (Wq[n][k] - 8) in int32, acc += s_b * d[n][b]. */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int4_tile(int R, const kt_gemm *g,
+                                                                                 int64_t m0, const int32_t *P,
+                                                                                 const int32_t *corr,
+                                                                                 const float *D, int64_t col,
+                                                                                 int64_t width) {
+    const int8_t *a[QMR4];
+    zf f[QMR4][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = g->a_rows[m0 + i];
+        f[i][0] = f[i][1] = ZMM(setzero_ps)();
+    }
+    const int64_t nb = g->L->K_pad / KT_INT4_BLOCK, bq = KT_INT4_BLOCK / 4;
+    for (int64_t b = 0; b < nb; b++) {
+        zi acc[QMR4][2];
+        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
+        q8_steps(R, b * bq, (b + 1) * bq, a, P, acc);
+        const zi c0 = ZMM(load_si512)(corr + b * QNR), c1 = ZMM(load_si512)(corr + b * QNR + 16);
+        const zf d0 = ZMM(load_ps)(D + b * QNR), d1 = ZMM(load_ps)(D + b * QNR + 16);
+        for (int i = 0; i < R; i++) {
+            f[i][0] = ZMM(add_ps)(f[i][0], ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)), d0));
+            f[i][1] = ZMM(add_ps)(f[i][1], ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)), d1));
+        }
+    }
+    for (int i = 0; i < R; i++) q8_store_row(g, m0 + i, col, width, f[i][0], f[i][1]);
+}
+
+#define KT_Q8_TILES(R)                                                                                           \
+    static KT_VNNI_TARGET void nt_q8_int8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,              \
+                                                   const int32_t *corr, zf d0, zf d1, int64_t col, int64_t w) { \
+        nt_q8_int8_tile(R, g, m0, P, corr, d0, d1, col, w);                                                      \
+    }
+#define KT_Q4_TILES(R)                                                                                           \
+    static KT_VNNI_TARGET void nt_q8_int4_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,              \
+                                                   const int32_t *corr, const float *D, int64_t col,             \
+                                                   int64_t w) {                                                  \
+        nt_q8_int4_tile(R, g, m0, P, corr, D, col, w);                                                           \
+    }
+KT_Q8_TILES(1) KT_Q8_TILES(2) KT_Q8_TILES(3) KT_Q8_TILES(4) KT_Q8_TILES(5) KT_Q8_TILES(6)
+KT_Q8_TILES(7) KT_Q8_TILES(8) KT_Q8_TILES(9) KT_Q8_TILES(10) KT_Q8_TILES(11) KT_Q8_TILES(12)
+KT_Q4_TILES(1) KT_Q4_TILES(2) KT_Q4_TILES(3) KT_Q4_TILES(4) KT_Q4_TILES(5) KT_Q4_TILES(6)
+#undef KT_Q8_TILES
+#undef KT_Q4_TILES
+_Static_assert(QMR8 == 12 && QMR4 == 6, "the tables below list one tile per height");
+typedef void (*nt_q8_int8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, zf, zf, int64_t,
+                                   int64_t);
+typedef void (*nt_q8_int4_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, const float *,
+                                   int64_t, int64_t);
+static const nt_q8_int8_tile_fn nt_q8_int8_tiles[QMR8 + 1] = {
+    NULL, nt_q8_int8_tile_1, nt_q8_int8_tile_2, nt_q8_int8_tile_3, nt_q8_int8_tile_4, nt_q8_int8_tile_5,
+    nt_q8_int8_tile_6, nt_q8_int8_tile_7, nt_q8_int8_tile_8, nt_q8_int8_tile_9, nt_q8_int8_tile_10,
+    nt_q8_int8_tile_11, nt_q8_int8_tile_12};
+static const nt_q8_int4_tile_fn nt_q8_int4_tiles[QMR4 + 1] = {
+    NULL, nt_q8_int4_tile_1, nt_q8_int4_tile_2, nt_q8_int4_tile_3, nt_q8_int4_tile_4, nt_q8_int4_tile_5,
+    nt_q8_int4_tile_6};
+
+/* Scratch of the integer panels (int32 words): nt K_pad/4 rounded to 16 quads (or tn N/4) x 32, the
+ * corrections and int4's fp32 scales (K_pad / 32 x 32 each); well inside scratch_floats_avx512. */
+static KT_VNNI_TARGET void nt_q8_vnni(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K_pad = L->K_pad, nq = ((K_pad + 63) & ~(int64_t)63) / 4, nb = K_pad / KT_INT4_BLOCK;
+    const int int8 = L->format == KT_FORMAT_INT8;
+    assert(K_pad <= Q8_MAX_K);
+    int32_t *P = (int32_t *)g->scratch, *corr = P + nq * QNR;
+    float *D = (float *)(corr + nb * QNR);
+    const int64_t mr = int8 ? QMR8 : QMR4, tiles = (g->M + mr - 1) / mr;
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += QNR) {
+        const int64_t width = g->hi - n0 < QNR ? g->hi - n0 : QNR;
+        zf d0 = ZMM(setzero_ps)(), d1 = ZMM(setzero_ps)();
+        if (int8) {
+            float d[QNR] = {0};
+            for (int64_t j = 0; j < width; j++) d[j] = int8_scale(L, g->w, n0 + j);
+            d0 = ZMM(loadu_ps)(d);
+            d1 = ZMM(loadu_ps)(d + 16);
+            q8_panel_rows(KT_FORMAT_INT8, L, g->w, n0, width, P, corr);
+        } else {
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t j = 0; j < QNR; j++) D[b * QNR + j] = j < width ? int4_scale(L, g->w, n0 + j, b) : 0.0f;
+            q8_panel_rows(KT_FORMAT_INT4, L, g->w, n0, width, P, corr);
+        }
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t m0, rows;
+            q_tile_of(g->M, mr, t, &m0, &rows);
+            if (int8) nt_q8_int8_tiles[rows](g, m0, P, corr, d0, d1, n0 - g->lo, width);
+            else nt_q8_int4_tiles[rows](g, m0, P, corr, D, n0 - g->lo, width);
+        }
+    }
+}
+
+/* tn panel of columns [c0, c0 + width), width <= 32: P[q][j] = bytes W[4q + i][c0 + j], i < 4, for
+ * q < N / 4 rounded up (rows past N zero), and corr[j] = 128 * sum_n W[n][c0 + j]. ymm unpacks work
+ * inside 128-bit lanes: lane 0 holds columns 0..15, lane 1 columns 16..31. */
+static KT_VNNI_TARGET void q8_panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0,
+                                            int64_t width, int32_t *P, int32_t *corr) {
+    const int64_t N = L->N, nq = (N + 3) / 4;
+    zi s0 = ZMM(setzero_si512)(), s1 = ZMM(setzero_si512)();
+    for (int64_t q = 0; q < nq; q++) {
+        yi r[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t n = 4 * q + i;
+            if (n >= N) r[i] = YMM(setzero_si256)();
+            else if (width > 16) r[i] = YMM(loadu_si256)((const void *)(row_of(L, mat, n) + c0));
+            else r[i] = YMM(castsi128_si256)(_mm_loadu_si128((const void *)(row_of(L, mat, n) + c0)));
+        }
+        const yi t01l = YMM(unpacklo_epi8)(r[0], r[1]), t01h = YMM(unpackhi_epi8)(r[0], r[1]);
+        const yi t23l = YMM(unpacklo_epi8)(r[2], r[3]), t23h = YMM(unpackhi_epi8)(r[2], r[3]);
+        const yi q0 = YMM(unpacklo_epi16)(t01l, t23l), q1 = YMM(unpackhi_epi16)(t01l, t23l);
+        const yi q2 = YMM(unpacklo_epi16)(t01h, t23h), q3 = YMM(unpackhi_epi16)(t01h, t23h);
+        const zi v0 = join_i(YMM(permute2x128_si256)(q0, q1, 0x20), YMM(permute2x128_si256)(q2, q3, 0x20));
+        const zi v1 = join_i(YMM(permute2x128_si256)(q0, q1, 0x31), YMM(permute2x128_si256)(q2, q3, 0x31));
+        ZMM(store_si512)(P + q * QNR, v0);
+        ZMM(store_si512)(P + q * QNR + 16, v1);
+        s0 = quad_sums(s0, v0);
+        s1 = quad_sums(s1, v1);
+    }
+    ZMM(store_si512)(corr, ZMM(slli_epi32)(s0, 7));
+    ZMM(store_si512)(corr + 16, ZMM(slli_epi32)(s1, 7));
+}
+
+/* out[m][c - lo] (+)= alpha[m] * a_scale[m] * sum_n q[m][n] Wq[n][c] (int8 weights, their row scales
+ * folded into q by the caller). */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void tn_q8_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                            const int32_t *P, const int32_t *corr,
+                                                                            int64_t col, int64_t width) {
+    const int8_t *a[QMR8];
+    zi acc[QMR8][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = g->a_rows[m0 + i];
+        acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
+    }
+    q8_steps(R, 0, (g->L->N + 3) / 4, a, P, acc);
+    const zi c0 = ZMM(load_si512)(corr), c1 = ZMM(load_si512)(corr + 16);
+    for (int i = 0; i < R; i++)
+        q8_store_row(g, m0 + i, col, width, cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)),
+                     cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)));
+}
+
+#define KT_TN_TILES(R)                                                                                           \
+    static KT_VNNI_TARGET void tn_q8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,                   \
+                                              const int32_t *corr, int64_t col, int64_t w) {                     \
+        tn_q8_tile(R, g, m0, P, corr, col, w);                                                                   \
+    }
+KT_TN_TILES(1) KT_TN_TILES(2) KT_TN_TILES(3) KT_TN_TILES(4) KT_TN_TILES(5) KT_TN_TILES(6)
+KT_TN_TILES(7) KT_TN_TILES(8) KT_TN_TILES(9) KT_TN_TILES(10) KT_TN_TILES(11) KT_TN_TILES(12)
+#undef KT_TN_TILES
+typedef void (*tn_q8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, int64_t, int64_t);
+static const tn_q8_tile_fn tn_q8_tiles[QMR8 + 1] = {
+    NULL, tn_q8_tile_1, tn_q8_tile_2, tn_q8_tile_3, tn_q8_tile_4, tn_q8_tile_5, tn_q8_tile_6,
+    tn_q8_tile_7, tn_q8_tile_8, tn_q8_tile_9, tn_q8_tile_10, tn_q8_tile_11, tn_q8_tile_12};
+
+static KT_VNNI_TARGET void tn_q8_vnni(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    assert(L->format == KT_FORMAT_INT8 && L->N <= Q8_MAX_K && g->lo % 16 == 0);
+    int32_t *P = (int32_t *)g->scratch, *corr = P + ((L->N + 3) / 4) * QNR;
+    const int64_t tiles = (g->M + QMR8 - 1) / QMR8;
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += QNR) {
+        const int64_t width = g->hi - c0 < QNR ? g->hi - c0 : QNR;
+        q8_panel_columns(L, g->w, c0, width, P, corr);
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t m0, rows;
+            q_tile_of(g->M, QMR8, t, &m0, &rows);
+            tn_q8_tiles[rows](g, m0, P, corr, c0 - g->lo, width);
+        }
+    }
+}
+
+/* The table's entries: vpdpbusd where this CPU has it, else the scalar integer products. */
+static void nt_q8_avx512(const kt_gemm *g) {
+    if (KT_HAVE_VNNI()) nt_q8_vnni(g);
+    else kt_nt_q8_scalar(g);
+}
+
+static void tn_q8_avx512(const kt_gemm *g) {
+    if (KT_HAVE_VNNI()) tn_q8_vnni(g);
+    else kt_tn_q8_scalar(g);
+}
+
+/* ---- LoRA helpers --------------------------------------------------------------------------- */
+
+/* Four rows against v at a time: each load of v feeds four FMAs. */
+static void dots_avx512(const float *M, int64_t r, int64_t n, const float *v, float *t) {
+    int64_t k = 0;
+    for (; k + 4 <= r; k += 4) {
+        const float *m0 = M + k * n, *m1 = m0 + n, *m2 = m1 + n, *m3 = m2 + n;
+        zf s0 = ZMM(setzero_ps)(), s1 = ZMM(setzero_ps)(), s2 = ZMM(setzero_ps)(), s3 = ZMM(setzero_ps)();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            const zf x = ZMM(loadu_ps)(v + i);
+            s0 = ZMM(fmadd_ps)(ZMM(loadu_ps)(m0 + i), x, s0);
+            s1 = ZMM(fmadd_ps)(ZMM(loadu_ps)(m1 + i), x, s1);
+            s2 = ZMM(fmadd_ps)(ZMM(loadu_ps)(m2 + i), x, s2);
+            s3 = ZMM(fmadd_ps)(ZMM(loadu_ps)(m3 + i), x, s3);
+        }
+        float a0 = hsum16(s0), a1 = hsum16(s1), a2 = hsum16(s2), a3 = hsum16(s3);
+        for (; i < n; i++) {
+            a0 += m0[i] * v[i];
+            a1 += m1[i] * v[i];
+            a2 += m2[i] * v[i];
+            a3 += m3[i] * v[i];
+        }
+        t[k] = a0, t[k + 1] = a1, t[k + 2] = a2, t[k + 3] = a3;
+    }
+    for (; k < r; k++) {
+        const float *m0 = M + k * n;
+        zf s0 = ZMM(setzero_ps)();
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) s0 = ZMM(fmadd_ps)(ZMM(loadu_ps)(m0 + i), ZMM(loadu_ps)(v + i), s0);
+        float a0 = hsum16(s0);
+        for (; i < n; i++) a0 += m0[i] * v[i];
+        t[k] = a0;
+    }
+}
+
+static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
+    const zf va = ZMM(set1_ps)(alpha);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) ZMM(storeu_ps)(y + i, ZMM(fmadd_ps)(va, ZMM(loadu_ps)(x + i), ZMM(loadu_ps)(y + i)));
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+/* The zmm SwiGLU (kt_swiglu_avx512.c) is real AVX-512: the emulated twin keeps the scalar loops. */
+#ifdef KT_SIMDE
+#define KT_SWIGLU .swiglu = NULL, .swiglu_bwd = NULL
+#else
+#define KT_SWIGLU .swiglu = kt_swiglu_avx512, .swiglu_bwd = kt_swiglu_bwd_avx512
+#endif
+const kt_kernels KT_TABLE = {.name = KT_TABLE_NAME, .nt = nt_avx512, .tn = tn_avx512, .nt_q8 = nt_q8_avx512,
+                             .tn_q8 = tn_q8_avx512, .dots = dots_avx512, .axpy = axpy_avx512,
+                             .scratch_floats = scratch_floats_avx512, KT_SWIGLU};
+
+#pragma GCC pop_options
+#endif
