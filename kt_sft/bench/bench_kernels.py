@@ -98,8 +98,8 @@ class KernelBenchConfig:
     formats: tuple[str, ...] = _help("kt_sft weight formats", default=("bf16", "int8", "int4"))
     modes: tuple[str, ...] = _help("kt_sft compute modes; one that raises NotImplementedError is "
                                    "recorded as 'unsupported'", default=("bf16", "int8"))
-    kernel_path: str | None = _help("kernel path: one name, 'all' (every available one), or None "
-                                     "(the engine's choice)", default=None)
+    kernel_path: str | None = _help("kernel path: a name, a comma-separated list, 'all' (every available "
+                                     "one), or None (the engine's choice)", default=None)
     threads: int = _help("threads for the kt_sft engine and for torch (baseline, ceiling)", default=2)
     repeats: int = _help("timed runs per case (the median is reported)", default=5)
     warmup: int = _help("untimed runs per case before timing", default=1)
@@ -138,19 +138,22 @@ class KernelBenchConfig:
             raise BenchConfigError("need at least one format and one compute mode")
         if self.kernel_path is not None:
             self.kernel_path = self.kernel_path.lower()
-            if self.kernel_path != "all" and self.kernel_path not in runtime.KERNEL_PATHS:
-                raise BenchConfigError(
-                    f"unknown kernel path {self.kernel_path!r}; known: all, {', '.join(runtime.KERNEL_PATHS)}")
+            names = [] if self.kernel_path == "all" else self.kernel_path.split(",")
+            for name in names:
+                if name not in runtime.KERNEL_PATHS:
+                    raise BenchConfigError(
+                        f"unknown kernel path {name!r}; known: all, {', '.join(runtime.KERNEL_PATHS)}")
             if not _native.available():
                 raise BenchConfigError(f"the native engine is not loaded: {_native._IMPORT_ERROR}")
-            if self.kernel_path != "all" and self.kernel_path not in runtime.available_kernel_paths():
-                raise BenchConfigError(f"kernel path {self.kernel_path!r} is not available here; "
-                                       f"available: {', '.join(runtime.available_kernel_paths())}")
+            for name in names:
+                if name not in runtime.available_kernel_paths():
+                    raise BenchConfigError(f"kernel path {name!r} is not available here; "
+                                           f"available: {', '.join(runtime.available_kernel_paths())}")
 
     def kernel_paths(self) -> list[str]:
         if self.kernel_path is None:
             return [runtime.kernel_path()]
-        return runtime.available_kernel_paths() if self.kernel_path == "all" else [self.kernel_path]
+        return runtime.available_kernel_paths() if self.kernel_path == "all" else self.kernel_path.split(",")
 
     def workloads(self) -> list[tuple[int, str]]:
         """(T, routing) pairs, in run order."""
@@ -207,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", type=_choice_list(ComputeMode.parse),
                         help=f"{h['modes']}, comma-separated (default {csv(d['modes'])})")
     parser.add_argument("--kernel-path", dest="kernel_path", metavar="PATH",
-                        help=f"{', '.join(runtime.KERNEL_PATHS)} or all (default: the engine's choice)")
+                        help=f"{', '.join(runtime.KERNEL_PATHS)}, a comma-separated list of them, or all "
+                             "(default: the engine's choice)")
     for name, flag in (("threads", "--threads"), ("repeats", "--repeats"), ("warmup", "--warmup"),
                        ("num_experts", "--experts"), ("top_k", "--top-k"), ("hidden", "--hidden"),
                        ("intermediate", "--intermediate"), ("seed", "--seed"),

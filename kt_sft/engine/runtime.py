@@ -68,6 +68,8 @@ _BOUND_BY = {
     # vpdpbusd where the CPU has AVX512-VNNI (without it the table runs scalar integer loops and the
     # dpbusd_zmm peak reads None); int4 packs' backward in this mode runs on the fp32 FMA kernels.
     ("avx512", "int8"): "dpbusd_zmm",
+    # tdpbssd for int8 packs (int4 packs' integer products run the avx512 table's vpdpbusd here)
+    ("amx", "int8"): "amx_int8",
 }
 
 
