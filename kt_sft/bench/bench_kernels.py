@@ -107,6 +107,10 @@ class KernelBenchConfig:
     baseline: bool = _help("also time transformers' experts module (eager and grouped_mm)", default=True)
     baseline_max_tokens: int | None = _help("time the baseline only for T <= this (its bf16 backward can "
                                             "take minutes per run on AVX2-only CPUs)", default=None)
+    baseline_dtype: str = _help("dtype of the transformers baseline's weights and activations: bf16, fp32, or "
+                                "auto (bf16 where the CPU has native bf16 dot products -- avx512_bf16 or "
+                                "amx_bf16 -- else fp32: torch's bf16 input-gradient matmul takes a slow "
+                                "generic path there and would flatter kt_sft by 60x+)", default="auto")
     lora_rank: int = _help("also time expert LoRA of this rank (0: off): kt_sft with the adapter in its kernels, "
                            "and an unmerged per-expert torch LoRA on the transformers eager loop", default=0)
     seed: int = _help("seed for weights and inputs", default=0)
@@ -122,6 +126,8 @@ class KernelBenchConfig:
                 raise BenchConfigError(f"`{name}` must be a positive int, got {value!r}")
         if self.warmup < 0:
             raise BenchConfigError(f"`warmup` must be >= 0, got {self.warmup}")
+        if self.baseline_dtype not in ("auto", "bf16", "fp32"):
+            raise BenchConfigError(f"`baseline_dtype` must be auto, bf16 or fp32, got {self.baseline_dtype!r}")
         if not isinstance(self.lora_rank, int) or not 0 <= self.lora_rank <= min(self.hidden, self.intermediate):
             raise BenchConfigError(f"`lora_rank` must be in [0, min(H, I)], got {self.lora_rank!r}")
         if self.top_k > self.num_experts:
@@ -219,6 +225,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, dest=name, type=int, metavar="N", help=f"{h[name]} (default {'no limit' if d[name] is None else d[name]})")
     parser.add_argument("--skew", action=argparse.BooleanOptionalAction, help=f"{h['skew']} (default on)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, help=f"{h['baseline']} (default on)")
+    parser.add_argument("--baseline-dtype", dest="baseline_dtype", choices=("auto", "bf16", "fp32"),
+                        help=f"{h['baseline_dtype']} (default {d['baseline_dtype']})")
     parser.add_argument("--lora-rank", dest="lora_rank", type=int, metavar="R",
                         help=f"{h['lora_rank']} (default {d['lora_rank']})")
     parser.add_argument("--out", metavar="PATH", help=h["out"])
@@ -365,8 +373,21 @@ def measure_machine(quick: bool) -> dict:
 # ---------------------------------------------------------------- the two sides
 
 
-def build_baseline(cfg: KernelBenchConfig, gate_up: torch.Tensor, down: torch.Tensor):
-    """transformers' DeepseekV2Experts holding our bf16 weights as frozen parameters (no copy)."""
+def resolve_baseline_dtype(cfg: KernelBenchConfig) -> torch.dtype:
+    if cfg.baseline_dtype == "auto":
+        flags = set(runtime.engine_info()["cpu_flags"]) if _native.available() else set()
+        return torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16"} else torch.float32
+    return torch.bfloat16 if cfg.baseline_dtype == "bf16" else torch.float32
+
+
+def baseline_inputs(inp: dict, dtype: torch.dtype) -> dict:
+    """The same inputs in the baseline's dtype (x and dy are bf16 values: exact in fp32)."""
+    return {**inp, "x": inp["x"].to(dtype), "dy": inp["dy"].to(dtype)}
+
+
+def build_baseline(cfg: KernelBenchConfig, gate_up: torch.Tensor, down: torch.Tensor, dtype=torch.bfloat16):
+    """transformers' DeepseekV2Experts holding our bf16 weights as frozen parameters (no copy; in fp32, an
+    exact fp32 copy of the same values)."""
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
 
@@ -374,8 +395,8 @@ def build_baseline(cfg: KernelBenchConfig, gate_up: torch.Tensor, down: torch.Te
                               n_routed_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, hidden_act="silu")
     config._experts_implementation = "eager"
     module = DeepseekV2Experts(config)
-    module.gate_up_proj = torch.nn.Parameter(gate_up, requires_grad=False)
-    module.down_proj = torch.nn.Parameter(down, requires_grad=False)
+    module.gate_up_proj = torch.nn.Parameter(gate_up.to(dtype), requires_grad=False)
+    module.down_proj = torch.nn.Parameter(down.to(dtype), requires_grad=False)
     return module
 
 
@@ -513,14 +534,16 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
     bar.set_description("weights")
     gate_up, down = make_weights(cfg)
     best, eager_out = {}, {}
+    base_dtype = resolve_baseline_dtype(cfg)
+    report["config"]["baseline_dtype_resolved"] = str(base_dtype).removeprefix("torch.")
     if base_workloads:
-        module = build_baseline(cfg, gate_up, down)
+        module = build_baseline(cfg, gate_up, down, base_dtype)
         report["config"]["grouped_mm_backend"] = grouped_mm_backend(module, inputs[workloads[0]])
         for t, routing in base_workloads:
             for impl in BASELINE_IMPLS:
                 bar.set_description(f"transformers {impl} T={t} {routing}")
                 module.config._experts_implementation = impl
-                entry, samples = _run_case(module, cfg, t, inputs[(t, routing)])
+                entry, samples = _run_case(module, cfg, t, baseline_inputs(inputs[(t, routing)], base_dtype))
                 report["baseline"].append({"impl": "transformers", "experts_implementation": impl, "tokens": t,
                                            "routing": routing, **entry})
                 if impl == "eager" and samples is not None:
@@ -537,7 +560,7 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
             lora_module = TorchLoraExperts(module, make_lora(cfg), 2.0)  # alpha = 2r
             for t, routing in base_workloads:
                 bar.set_description(f"torch eager + LoRA{cfg.lora_rank} T={t} {routing}")
-                entry, _ = _run_case(lora_module, cfg, t, inputs[(t, routing)])
+                entry, _ = _run_case(lora_module, cfg, t, baseline_inputs(inputs[(t, routing)], base_dtype))
                 report["baseline"].append({"impl": "transformers", "experts_implementation": "eager+torch_lora",
                                            "lora_rank": cfg.lora_rank, "tokens": t, "routing": routing, **entry})
                 if entry["status"] == "ok":
@@ -688,14 +711,16 @@ def format_table(report: dict) -> str:
     best = {(b["tokens"], b["routing"]): b["experts_implementation"] for b in report["baseline_best"]}
     for r in sorted(report["baseline"], key=lambda r: order[(r["tokens"], r["routing"])]):
         mark = "*" if best.get((r["tokens"], r["routing"])) == r["experts_implementation"] else ""
-        row(f"hf {r['experts_implementation']}{mark}", "bf16", "-", "torch", r)
+        row(f"hf {r['experts_implementation']}{mark}", cfg.get("baseline_dtype_resolved", "bfloat16")
+            .replace("bfloat16", "bf16").replace("float32", "fp32"), "-", "torch", r)
     for r in sorted(report["results"], key=lambda r: (r.get("lora_rank", 0), order[(r["tokens"], r["routing"])])):
         row(f"kt_sft{'+lora' + str(r['lora_rank']) if r.get('lora_rank') else ''}", r["format"], r["mode"],
             r["kernel_path"], r)
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     lines = [" ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += [" ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
-    foot = ["hf = transformers DeepseekV2Experts with frozen bf16 weights; * = faster of eager/grouped_mm; "
+    foot = [f"hf = transformers DeepseekV2Experts with frozen weights in {cfg.get('baseline_dtype_resolved', 'bfloat16')} "
+            "(the 'fmt' column; kt_sft rows: their pack format, bf16 activations); * = faster of eager/grouped_mm; "
             "kt_sft+loraR rows compare with 'hf eager+torch_lora' (per-expert unmerged LoRA in torch)"]
     default = (report.get("engine") or {}).get("kernel_path")
     for (fmt, mode, t, routing, rank), runs in _by_case(report["results"]).items():
