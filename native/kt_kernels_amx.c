@@ -116,16 +116,33 @@ static void pack_bf16_amx(const float *const *rows, int64_t M, int64_t C, int la
 
 /* ---- output ------------------------------------------------------------------------------- */
 
+#define ZMM(op) _mm512_##op
+typedef __m512 zf;
+#include "kt_transpose16.h"
+#undef ZMM
+
+/* An nt tile c[n][m] (16 x 16, fp32 or int32 bits) turned into t[m][n], so the outputs are written
+ * a token row at a time. */
+static inline void tile_transposed(const float *c, int q8, zf t[16]) {
+    for (int i = 0; i < 16; i++) {
+        const zf v = _mm512_load_ps(c + i * 16);
+        t[i] = q8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(v)) : v;
+    }
+    transpose16(t);
+}
+
 /* out[m][col + j] (+)= alpha[m] * rs[i] * c[i][j] over a 16 x 16 tile (nt: i = weight row,
  * j = token; tn: i = token, j = column). rows x cols valid; rs NULL for 1. */
 static void write_nt(const kt_gemm *g, const float *c, int64_t m0, int64_t mv, int64_t col, int64_t nv, const float *rs) {
+    const __mmask16 k = (__mmask16)((1u << nv) - 1);
+    zf t[16];
+    tile_transposed(c, 0, t);
+    const zf r = rs ? _mm512_maskz_loadu_ps(k, rs) : _mm512_set1_ps(1.0f);
     for (int64_t j = 0; j < mv; j++) {
         float *o = g->out_rows[m0 + j] + col;
-        const float s = g->alpha ? g->alpha[m0 + j] : 1.0f;
-        for (int64_t i = 0; i < nv; i++) {
-            const float v = s * (rs ? rs[i] : 1.0f) * c[i * 16 + j];
-            o[i] = g->accumulate ? o[i] + v : v;
-        }
+        zf v = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(g->alpha ? g->alpha[m0 + j] : 1.0f), r), t[j]);
+        if (g->accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
+        _mm512_mask_storeu_ps(o, k, v);
     }
 }
 
@@ -367,14 +384,18 @@ static void tn_amx(const kt_gemm *g) {
  * row n (row_scale = d[n]), j = token; tn: i = token, j = column (row_scale = 1). */
 static void write_q8(const kt_gemm *g, const int32_t *c, int nt, int64_t m0, int64_t mv, int64_t col, int64_t nv,
                      const float *d) {
+    const __mmask16 k = (__mmask16)((1u << nv) - 1);
+    zf t[16];
+    if (nt) tile_transposed((const float *)c, 1, t);
+    const zf dv = nt ? _mm512_maskz_loadu_ps(k, d) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < mv; m++) {
         float *o = g->out_rows[m0 + m] + col;
-        for (int64_t n = 0; n < nv; n++) {
-            float v = nt ? (float)c[n * 16 + m] * d[n] : (float)c[m * 16 + n];
-            v *= g->a_scale[m0 + m];
-            if (g->alpha) v *= g->alpha[m0 + m];
-            o[n] = g->accumulate ? o[n] + v : v;
-        }
+        /* per lane the scalar order: ((float)s * d) * a_scale, then * alpha, then + out */
+        zf v = nt ? _mm512_mul_ps(t[m], dv) : _mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * 16));
+        v = _mm512_mul_ps(v, _mm512_set1_ps(g->a_scale[m0 + m]));
+        if (g->alpha) v = _mm512_mul_ps(v, _mm512_set1_ps(g->alpha[m0 + m]));
+        if (g->accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
+        _mm512_mask_storeu_ps(o, k, v);
     }
 }
 
