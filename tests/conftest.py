@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -5,7 +7,15 @@ import kt_sft
 from kt_sft import engine
 
 
-@pytest.fixture(params=engine.available_kernel_paths())
+def _test_kernel_paths() -> list[str]:
+    """Every path this CPU and build offer, or those named in KT_SFT_TEST_KERNEL_PATHS (space
+    separated; scripts/sanitize.sh runs one path per process)."""
+    paths = engine.available_kernel_paths()
+    only = os.environ.get("KT_SFT_TEST_KERNEL_PATHS", "").split()
+    return [p for p in paths if p in only] if only else paths
+
+
+@pytest.fixture(params=_test_kernel_paths())
 def kernel_path(request):
     """Runs a test once per kernel path this CPU and build offer, then restores the default."""
     before = engine.kernel_path()

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kt_sft.integration.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir, publish_dir
+from kt_sft.integration.atomic_dir import is_out_of_space, out_of_space, publish_dir, staging_dir
+from kt_sft.integration.convert import _WEIGHT_FILES, TensorIndex, _check_out_dir
 from kt_sft.integration.loading import MODELING_FILE
 from kt_sft.integration.models import ARCHS
 from kt_sft.integration.settings import KtSettings
@@ -282,9 +283,7 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapter_dir
         out_model.tie_weights()
     out_model.eval()
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     try:
         out_model.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer = _copy_side_files(src, adapter, pack_path(src, config).name, tmp)
@@ -298,6 +297,8 @@ def export(model_dir: str | os.PathLike, out_dir: str | os.PathLike, adapter_dir
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # VmHWM
         }
         return publish_dir(tmp, out, REPORT_NAME, report)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_out_of_space(exc):
+            raise out_of_space(exc, out, need["disk_bytes"]) from exc
         raise
