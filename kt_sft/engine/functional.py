@@ -206,6 +206,21 @@ def check_expert_ids(packed: PackedExperts, top_k_index: torch.Tensor) -> None:
             raise ValueError(f"`top_k_index` holds expert id {bad}, outside [0, {packed.num_experts})")
 
 
+def _validate_call(packed: PackedExperts, x, top_k_index, top_k_weights, lora: ExpertLora | None,
+                   x_name: str = "hidden_states") -> None:
+    """The functional ops' own check (they are reachable without cpu_experts): CPU tensors only, then
+    validate_routing and validate_lora. Costs a min/max over the ids, ~µs."""
+    for name, t in ((x_name, x), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights)):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            raise ValueError(f"`{name}` must be a CPU tensor here (cpu_experts stages CUDA tensors), got {t.device}")
+    try:
+        validate_routing(packed, x, top_k_index, top_k_weights)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(str(exc).replace("`hidden_states`", f"`{x_name}`")) from None
+    if lora is not None:
+        validate_lora(packed, lora)
+
+
 def _args(packed: PackedExperts, mode: ComputeMode, idx: torch.Tensor, w: torch.Tensor):
     a = ffi.new("kt_moe_args *")
     a.format = TRAITS[packed.format].c_id
@@ -239,6 +254,7 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
     """Returns (y fp32 (T, H), gu fp32 (T*k, 2I) or None): the layer output and the gate/up
     pre-activations the backward needs. CPU tensors only; validated by validate_routing (and
     validate_lora for `lora`)."""
+    _validate_call(packed, x, top_k_index, top_k_weights, lora)
     verify_kernel_path()
     _check_mode(packed, mode)
     idx, w = _routing_tensors(top_k_index, top_k_weights)
@@ -262,21 +278,23 @@ def moe_backward(packed: PackedExperts, dy: torch.Tensor, top_k_index: torch.Ten
     """Returns (dx fp32 (T, H), d top_k_weights fp32 (T, k), LoRA grads) for the incoming gradient
     dy (T, H). With `lora`, `x` is the forward's input and the grads are (d gu_a, d gu_b, d d_a,
     d d_b) in the kernels' layout; without, None."""
+    if isinstance(dy, torch.Tensor) and dy.dtype not in _ACT_DTYPES and dy.is_floating_point():
+        dy = dy.to(torch.float32)
+    dy = dy.contiguous() if isinstance(dy, torch.Tensor) else dy
+    _validate_call(packed, dy, top_k_index, top_k_weights, lora, x_name="dy")
+    _check_mode(packed, mode)
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
-    if dy.dtype not in _ACT_DTYPES:
-        dy = dy.to(torch.float32)
-    dy = dy.contiguous()
-    if tuple(dy.shape) != (t, packed.hidden_dim):
-        raise ValueError(f"gradient has shape {tuple(dy.shape)}, expected {(t, packed.hidden_dim)}")
-    if gu is None or tuple(gu.shape) != (t * k, 2 * packed.intermediate_dim):
+    if (not isinstance(gu, torch.Tensor) or gu.dtype != torch.float32 or gu.device.type != "cpu"
+            or not gu.is_contiguous() or tuple(gu.shape) != (t * k, 2 * packed.intermediate_dim)):
         raise ValueError("backward needs the gate/up activations saved by moe_forward(save_for_backward=True)")
     dx = torch.zeros((t, packed.hidden_dim), dtype=torch.float32)
     dw = torch.zeros((t, k), dtype=torch.float32)
     grads = None
     if lora is not None:
-        if x is None or tuple(x.shape) != (t, packed.hidden_dim) or x.dtype not in _ACT_DTYPES:
-            raise ValueError("the LoRA backward needs the forward's input x, (T, H) float32/bfloat16")
+        if (not isinstance(x, torch.Tensor) or tuple(x.shape) != (t, packed.hidden_dim) or x.dtype not in _ACT_DTYPES
+                or x.device.type != "cpu"):
+            raise ValueError("the LoRA backward needs the forward's input x, (T, H) float32/bfloat16 on the CPU")
         x = x.contiguous()
         grads = tuple(torch.zeros_like(m) for m in lora.tensors())
     if t == 0:

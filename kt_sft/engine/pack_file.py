@@ -16,6 +16,7 @@ the pages and makes resident memory grow only with the pages the kernels touch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import mmap
 import os
@@ -66,6 +67,8 @@ class PackHeader:
     @classmethod
     def from_json(cls, text: str) -> "PackHeader":
         d = json.loads(text)
+        if not isinstance(d, dict) or not isinstance(d.get("layers"), dict):
+            raise ValueError("the header is not a JSON object with a `layers` object")  # noqa: TRY004 - bad file
         d["layers"] = {int(k): {n: TensorEntry(**t) for n, t in v.items()} for k, v in d["layers"].items()}
         return cls(**d)
 
@@ -132,6 +135,51 @@ class PackWriter:
         self._f.close()
 
 
+def _check_header(h: PackHeader, path: Path, header_end: int) -> Format:
+    """Every field the reader relies on, checked before any byte is mapped: the types, positive sizes,
+    exactly the two tensors per layer, each ALIGN-aligned after the header, exactly as long as the
+    shapes say (E x kt_matrix_bytes), not overlapping. A header that lies is a ValueError naming the
+    field, never a view shorter than the kernels read. Returns the format."""
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    try:
+        fmt = Format.parse(h.format)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: bad pack header: {exc}") from None
+    for name in ("num_experts", "hidden_size", "intermediate_size"):
+        v = getattr(h, name)
+        if not is_int(v) or not 1 <= v < 2**31:
+            raise ValueError(f"{path}: bad pack header: `{name}` must be a positive int, got {v!r}")
+    if not is_int(h.data_offset) or h.data_offset < header_end or h.data_offset % ALIGN:
+        raise ValueError(f"{path}: bad pack header: data_offset {h.data_offset!r} (header ends at {header_end})")
+    if not isinstance(h.arch, str) or not isinstance(h.source, dict):
+        raise ValueError(f"{path}: bad pack header: `arch` must be a string and `source` an object")  # noqa: TRY004
+    e, hid, inter = h.num_experts, h.hidden_size, h.intermediate_size
+    want = {"gate_up": e * matrix_bytes(fmt, 2 * inter, hid), "down": e * matrix_bytes(fmt, hid, inter)}
+    spans = []
+    for layer, tensors in h.layers.items():
+        if layer < 0 or not isinstance(tensors, dict) or set(tensors) != set(want):
+            raise ValueError(f"{path}: bad pack header: layer {layer} must hold exactly {sorted(want)}, "
+                             f"got {sorted(tensors) if isinstance(tensors, dict) else tensors!r}")
+        for which, t in tensors.items():
+            if not (is_int(t.offset) and is_int(t.nbytes) and is_int(t.crc32)) or not 0 <= t.crc32 < 2**32:
+                raise ValueError(f"{path}: bad pack header: layer {layer} {which} has non-integer fields")
+            if t.nbytes != want[which]:
+                raise ValueError(f"{path}: bad pack header: layer {layer} {which} is {t.nbytes} bytes, "
+                                 f"{want[which]} expected for {fmt.value} E={e} H={hid} I={inter}")
+            if t.offset < h.data_offset or t.offset % ALIGN:
+                raise ValueError(f"{path}: bad pack header: layer {layer} {which} offset {t.offset} is before "
+                                 f"the data ({h.data_offset}) or not {ALIGN}-aligned")
+            spans.append((t.offset, t.offset + t.nbytes, layer, which))
+    spans.sort()
+    for (_, end, layer, which), (start, _, layer2, which2) in itertools.pairwise(spans):
+        if start < end:
+            raise ValueError(f"{path}: bad pack header: layer {layer} {which} overlaps layer {layer2} {which2}")
+    return fmt
+
+
 class PackFile:
     """A read-only memory map of a pack; `layer(i)` gives PackedExperts whose tensors view the map."""
 
@@ -144,11 +192,11 @@ class PackFile:
             (n,) = struct.unpack("<I", head[8:12])
             try:
                 self.header = PackHeader.from_json(f.read(n).decode())
-            except (ValueError, TypeError, KeyError) as exc:
-                raise ValueError(f"{self.path}: unreadable pack header: {exc}") from exc
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise ValueError(f"{self.path}: unreadable pack header: {exc!r}") from exc
         if self.header.version != VERSION:
-            raise ValueError(f"{self.path}: pack version {self.header.version}, this kt_sft reads {VERSION}; reconvert")
-        self.format = Format.parse(self.header.format)
+            raise ValueError(f"{self.path}: pack version {self.header.version!r}, this kt_sft reads {VERSION}; reconvert")
+        self.format = _check_header(self.header, self.path, 12 + n)
         size = self.path.stat().st_size
         for layer, tensors in self.header.layers.items():
             for which, t in tensors.items():

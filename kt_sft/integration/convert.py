@@ -13,7 +13,10 @@ already-fused `experts.gate_up_proj` / `experts.down_proj`, in fp32/bf16/fp16 or
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
+import math
 import os
 import re
 import resource
@@ -26,6 +29,7 @@ import torch
 from kt_sft.engine import functional as Fn
 from kt_sft.engine.formats import Format
 from kt_sft.engine.pack_file import PACK_NAME, PackWriter
+from kt_sft.integration.atomic_dir import is_out_of_space, out_of_space, publish_dir, staging_dir
 from kt_sft.integration.loading import MODELING_FILE, modeling_source
 from kt_sft.integration.models import MoEArch, arch_for
 from kt_sft.integration.settings import KtSettings
@@ -41,6 +45,29 @@ _ST_DTYPES = {
     "BOOL": torch.bool, **({"F8_E4M3": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {}),
     **({"F8_E5M2": torch.float8_e5m2} if hasattr(torch, "float8_e5m2") else {}),
 }
+
+
+def _check_entry(path: Path, name: str, info) -> tuple[str, list[int], int, int]:
+    """One header entry: a known dtype, a shape of non-negative ints, and data_offsets [start, end]
+    exactly as long as the shape and dtype say. Returns (dtype, shape, start, end)."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{path}: tensor {name}: header entry must hold dtype, shape and data_offsets, got {info!r:.200}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise ValueError(f"{path}: tensor {name} has unsupported dtype {dtype!r:.50}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise ValueError(f"{path}: tensor {name}: shape must be a list of non-negative ints, got {shape!r:.100}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets) or offsets[0] > offsets[1]:
+        raise ValueError(f"{path}: tensor {name}: data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r:.100}")
+    nbytes = math.prod(shape) * _ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{path}: tensor {name}: {dtype} {shape} needs {nbytes} bytes, data_offsets span "
+                         f"{offsets[1] - offsets[0]}")
+    return dtype, shape, offsets[0], offsets[1]
 
 
 class TensorIndex:
@@ -66,15 +93,21 @@ class TensorIndex:
                     header = json.loads(f.read(n))
                 except ValueError as exc:
                     raise ValueError(f"{path}: unreadable safetensors header: {exc}") from exc
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: the safetensors header is not a JSON object")  # noqa: TRY004 - bad file
+            spans = []
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
-                start, end = info["data_offsets"]
+                dtype, shape, start, end = _check_entry(path, name, info)
                 if 8 + n + end > size:
                     raise ValueError(f"{path} is truncated: tensor {name} ends at byte {8 + n + end}, file has {size}")
-                if info["dtype"] not in _ST_DTYPES:
-                    raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                self.where[name] = (path, 8 + n + start, info["dtype"], info["shape"], end - start)
+                spans.append((start, end, name))
+                self.where[name] = (path, 8 + n + start, dtype, shape, end - start)
+            spans.sort()
+            for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+                if start < end:
+                    raise ValueError(f"{path}: tensors {a} and {b} overlap (bytes {start}..{end})")
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -120,14 +153,37 @@ def _is_expert_tensor(arch: MoEArch, name: str) -> bool:
     return re.search(rf"\.{re.escape(arch.disk_prefix)}\.experts\.", name) is not None
 
 
-def publish_dir(tmp: Path, out: Path, report_name: str, report: dict) -> dict:
-    """The last step of an atomic directory write: the report goes into `tmp`, then `tmp` replaces
-    `out`. Returns the report."""
-    (tmp / report_name).write_text(json.dumps(report, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return report
+def read_source_config(src: Path) -> tuple[dict, MoEArch, tuple[int, int, int, int, tuple[int, int]]]:
+    """config.json of a checkpoint to convert: (config, family, (E, H, I, layers, FP8 block)). Every
+    value convert uses is checked here; a malformed file is a ValueError naming the key."""
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((src / "config.json").read_bytes())
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise ValueError(f"{src / 'config.json'} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{src / 'config.json'} must hold a JSON object, got {type(config).__name__}")  # noqa: TRY004
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{src / 'config.json'}: `model_type` must be a string, got {config.get('model_type')!r}")  # noqa: TRY004
+    arch = arch_for(config)
+
+    def positive(key: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**31:
+            raise ValueError(f"{src / 'config.json'}: `{key}` must be a positive integer, got {value!r}")
+        return value
+
+    num_experts = positive("number of experts", next((config[k] for k in arch.experts_key if config.get(k) is not None),
+                                                     None))
+    inter = positive(arch.inter_key, config.get(arch.inter_key))
+    hidden = positive("hidden_size", config.get("hidden_size"))
+    layers = positive("num_hidden_layers", config.get("num_hidden_layers"))
+    qcfg = config.get("quantization_config") or {}
+    block = (qcfg.get("weight_block_size") if isinstance(qcfg, dict) else None) or (128, 128)
+    if not isinstance(block, (list, tuple)) or len(block) != 2:
+        raise ValueError(f"{src / 'config.json'}: quantization_config.weight_block_size must be [rows, cols], got {block!r}")
+    block = tuple(positive("weight_block_size", b) for b in block)
+    return config, arch, (num_experts, hidden, inter, layers, block)
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -147,25 +203,21 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
 
     fmt = Format.parse(format)
     src, out = Path(model_dir), Path(out_dir)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a Hugging Face model directory (no config.json)")
-    config = json.loads((src / "config.json").read_text())
-    arch = arch_for(config)
+    config, arch, sizes = read_source_config(src)
+    num_experts, hidden, inter, num_layers, block = sizes
     _check_out_dir(out, force)
     index = TensorIndex(src) if index is None else index
-    num_experts, inter = arch.num_experts(config), arch.intermediate_size(config)
-    hidden = int(config["hidden_size"])
-    layers = _moe_layers(arch, index, int(config["num_hidden_layers"]))
+    layers = _moe_layers(arch, index, num_layers)
     if not layers:
         raise ValueError(f"no routed experts found in {src} (looked for {arch.expert_key(0, 0, 0)} and fused tensors)")
-    qcfg = config.get("quantization_config") or {}
-    block = tuple(qcfg.get("weight_block_size") or (128, 128))
 
     t0 = time.perf_counter()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
+    need = _output_bytes(fmt, num_experts, hidden, inter, layers, index, arch)
     try:
+        free = shutil.disk_usage(tmp).free
+        if need > free:
+            raise OSError(errno.ENOSPC, f"needs {need} bytes, {free} free")
         source = {"model_dir": str(src.resolve()), "model_type": arch.model_type}
         writer = PackWriter(tmp / PACK_NAME, fmt, arch.model_type, num_experts, hidden, inter, layers, source)
         sq_err = {layer: [0.0, 0.0] for layer in layers}
@@ -254,6 +306,26 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
             "fp8_dequantized": dropped_fp8,
         }
         return publish_dir(tmp, out, "kt_sft_convert.json", report)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_out_of_space(exc):
+            raise out_of_space(exc, out, need) from exc
         raise
+
+
+def _output_bytes(fmt: Format, num_experts: int, hidden: int, inter: int, layers: list[int], index, arch) -> int:
+    """What convert writes: the pack (exact) plus the non-expert tensors (FP8 ones become bf16)."""
+    from kt_sft.engine.formats import matrix_bytes
+
+    pack = len(layers) * num_experts * (matrix_bytes(fmt, 2 * inter, hidden) + matrix_bytes(fmt, hidden, inter))
+    other = 0
+    for name, info in index.where.items():
+        if _is_expert_tensor(arch, name) or name.endswith("_scale_inv"):
+            continue
+        if len(info) == 5:  # TensorIndex: (path, offset, safetensors dtype, shape, nbytes)
+            _, _, dtype, shape, nbytes = info
+            other += 2 * torch.Size(shape).numel() if dtype.startswith("F8") else nbytes
+        else:  # a stand-in index (kt_sft.bench.shaped_models): (shape, torch dtype)
+            shape, dtype = info
+            other += torch.Size(shape).numel() * dtype.itemsize
+    return pack + other
