@@ -27,10 +27,11 @@
  * The rank-r vectors are ~r/(2I) of the work; B1L adds into dhu before B2 reads it, so dw and dgu
  * include the LoRA path with no change to B2. LoRA math is fp32 on the compute-precision activations.
  *
- * Prepared bf16 operands (kernel tables with pack_bf16, e.g. amx; bf16 compute mode only): after F0,
- * F1, B0 and B2 a phase (F0p, F1p, B0p, B2p; tasks: experts) copies each expert group's activation
- * rows (x, h, dy, dgu) once into the layout the table's products read (KT_PACK_*), so the products
- * touch only weights and that copy.
+ * Prepared operands (kernel tables with pack_bf16 / pack_q8, e.g. amx): in the bf16 compute mode, and
+ * in the int8 mode with int8 weights, a phase after F0, F1(q), B0(q) and B2 (F0p, F1p, B0p, B2p; tasks:
+ * experts) copies each expert group's activation rows (x, h, dy, dgu as bf16; or their int8 quantized
+ * rows) once into the tile layout the table's products read (KT_PACK_*), so the products touch only
+ * weights and that copy.
  *
  * F2 and B3 own a block of output columns and walk the experts in order inside the task, so no two
  * threads write the same element and the summation order does not depend on the thread count:
@@ -576,12 +577,14 @@ static void b2_task(void *vj, int64_t task, int tid) {
         float dot = 0.0f;
         if (j->kern->swiglu_bwd) {
             dot = j->kern->swiglu_bwd(gp, up, dhu, w, dg, du, I, mode == KT_ACT_BF16);
-        } else for (int64_t i = 0; i < I; i++) {
-            const float g = gp[i], u = up[i], s = 1.0f / (1.0f + expf(-g));
-            dot += to_compute(g * s * u, mode) * dhu[i];
-            const float dh = w * dhu[i];
-            dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), mode);
-            du[i] = to_compute(dh * g * s, mode);
+        } else {
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gp[i], u = up[i], s = 1.0f / (1.0f + expf(-g));
+                dot += to_compute(g * s * u, mode) * dhu[i];
+                const float dh = w * dhu[i];
+                dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), mode);
+                du[i] = to_compute(dh * g * s, mode);
+            }
         }
         a->dw[p] = dot;
         if (j->q_bwd) fold_and_quantize(j, tid, p, dg, &j->Lgu, a->gate_up);
