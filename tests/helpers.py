@@ -47,3 +47,20 @@ def reference_with_pack_experts(model_dir, kt_dir):
             model.model.layers[layer].mlp.experts.gate_up_proj.copy_(gu)
             model.model.layers[layer].mlp.experts.down_proj.copy_(dn)
     return model
+
+
+def write_pack(path, fmt, layers, e=4, h=40, inter=24, arch="test_arch", source=None):
+    """An expert pack of random experts per layer, written through PackWriter; returns the fp32 experts."""
+    from kt_sft.engine import functional as Fn
+    from kt_sft.engine.pack_file import PackWriter
+
+    experts = {layer: random_experts(e, h, inter) for layer in layers}
+    w = PackWriter(path, fmt, arch, e, h, inter, layers, source=source)
+    for layer, (gu, dn) in experts.items():
+        packed = Fn.pack_experts(gu, dn, fmt)
+        for i in range(e):
+            w.write_expert(layer, "gate_up", i, packed.gate_up[i])
+        for i in range(e):
+            w.write_expert(layer, "down", i, packed.down[i])
+    w.close()
+    return experts

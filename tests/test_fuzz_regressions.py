@@ -6,25 +6,17 @@ import struct
 
 import pytest
 import torch
-from helpers import distinct_routing, random_experts
+from helpers import distinct_routing, random_experts, write_pack
 
 from kt_sft.engine import functional as Fn
 from kt_sft.engine._native import ffi, lib
 from kt_sft.engine.formats import ComputeMode
-from kt_sft.engine.pack_file import MAGIC, PackFile, PackWriter
+from kt_sft.engine.pack_file import MAGIC, PackFile
 from kt_sft.integration.convert import TensorIndex, read_source_config
 
 
 def _pack(path):
-    e, h, inter = 2, 8, 4
-    w = PackWriter(path, "int8", "qwen3_moe", e, h, inter, [0, 1])
-    for layer in (0, 1):
-        packed = Fn.pack_experts(*random_experts(e, h, inter), "int8")
-        for i in range(e):
-            w.write_expert(layer, "gate_up", i, packed.gate_up[i])
-        for i in range(e):
-            w.write_expert(layer, "down", i, packed.down[i])
-    w.close()
+    write_pack(path, "int8", [0, 1], e=2, h=8, inter=4, arch="qwen3_moe")
     return path
 
 

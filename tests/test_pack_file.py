@@ -1,5 +1,6 @@
 """The expert pack file: round trip through a memory map, checksums, and clear errors."""
 
+import helpers
 import pytest
 import torch
 from helpers import distinct_routing, random_experts
@@ -10,16 +11,7 @@ from kt_sft.engine.pack_file import PackFile, PackWriter
 
 
 def write_pack(path, fmt, layers, e=4, h=40, inter=24):
-    experts = {layer: random_experts(e, h, inter) for layer in layers}
-    w = PackWriter(path, fmt, "test_arch", e, h, inter, layers, source={"model": "unit-test"})
-    for layer, (gu, dn) in experts.items():
-        packed = Fn.pack_experts(gu, dn, fmt)
-        for i in range(e):
-            w.write_expert(layer, "gate_up", i, packed.gate_up[i])
-        for i in range(e):
-            w.write_expert(layer, "down", i, packed.down[i])
-    w.close()
-    return experts
+    return helpers.write_pack(path, fmt, layers, e, h, inter, source={"model": "unit-test"})
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
