@@ -7,7 +7,8 @@
  *   nt (forward, out[m][n] = sum_k a[m][k] W[n][k]): A = weight rows, read straight from a bf16
  *      pack (int8/int4 rows are converted in scratch), B = the activations in VNNI pairs, C[n][m].
  *   tn (backward, out[m][c] = sum_n a[m][n] W[n][c]): A = the activation rows, B = the weights
- *      with consecutive rows n interleaved in pairs (built per 32 columns in scratch), C[m][c].
+ *      with consecutive rows n interleaved in pairs, built in scratch from column stripes of the
+ *      rows (256 columns by 512 rows at a time when there are few tokens), C[m][c].
  * Weights as stored, kept exact: bf16 weights are bf16; int8 quants are exact in bf16 and their
  * per-row scale (an output row of nt) multiplies the result. Where a scale varies along the
  * contraction (int8 in tn, int4 in both) the dequantized fp32 weight is split into two bf16
@@ -160,16 +161,25 @@ static void write_tn(const kt_gemm *g, const float *c, int64_t m0, int64_t mv, i
 
 /* C tiles (a0 b0) (a0 b1) (a1 b0) (a1 b1) over `steps` contraction steps of 32: A tiles at
  * aX + s * as_step bytes with row stride as, B tiles at bX + s * bs_step with row stride bs. With split,
- * the lo halves (aXl / bXl) are multiplied too. na, nb in {1, 2}. Results go to c[4][256]. */
+ * the lo halves (aXl / bXl) are multiplied too. na, nb in {1, 2}. Tile (ia, ib) goes to
+ * c + ia * c_ld + ib * 256 (floats); it starts from zero, or from the same place in cin. */
 static inline __attribute__((always_inline)) void block2x2(int q8, int na, int nb, int split_a, int split_b, int64_t steps,
                                                            const uint8_t *a0, const uint8_t *a1, const uint8_t *a0l,
                                                            const uint8_t *a1l, int64_t as, int64_t as_step, const uint8_t *b0,
                                                            const uint8_t *b1, const uint8_t *b0l, const uint8_t *b1l,
-                                                           int64_t bs_step, int64_t bs, float *c) {
-    _tile_zero(0);
-    if (nb > 1) _tile_zero(1);
-    if (na > 1) _tile_zero(2);
-    if (na > 1 && nb > 1) _tile_zero(3);
+                                                           int64_t bs_step, int64_t bs, const float *cin, float *c,
+                                                           int64_t c_ld) {
+    if (cin) { /* continue partial sums (tile store and load are exact: same result as one pass) */
+        _tile_loadd(0, cin, 64);
+        if (nb > 1) _tile_loadd(1, cin + 256, 64);
+        if (na > 1) _tile_loadd(2, cin + c_ld, 64);
+        if (na > 1 && nb > 1) _tile_loadd(3, cin + c_ld + 256, 64);
+    } else {
+        _tile_zero(0);
+        if (nb > 1) _tile_zero(1);
+        if (na > 1) _tile_zero(2);
+        if (na > 1 && nb > 1) _tile_zero(3);
+    }
 #define KT_DP(c, a, b) do { if (q8) _tile_dpbssd(c, a, b); else _tile_dpbf16ps(c, a, b); } while (0)
 #define KT_DP4()                                                      \
     do {                                                              \
@@ -200,8 +210,8 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
 #undef KT_DP
     _tile_stored(0, c, 64);
     if (nb > 1) _tile_stored(1, c + 256, 64);
-    if (na > 1) _tile_stored(2, c + 512, 64);
-    if (na > 1 && nb > 1) _tile_stored(3, c + 768, 64);
+    if (na > 1) _tile_stored(2, c + c_ld, 64);
+    if (na > 1 && nb > 1) _tile_stored(3, c + c_ld + 256, 64);
 }
 
 #define KT_BLOCK_DISPATCH_AS(q8, na, nb, split_a, split_b, ...)                              \
@@ -215,13 +225,19 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
 
 /* ---- nt: forward ---------------------------------------------------------------------------- */
 
-#define TN_CHUNK 64
 
 /* Scratch: nt's A rows for 32 weight rows [hi: 32 x Kp][lo: 32 x Kp] or tn's B pairs for
- * TN_CHUNK columns [hi: TN_CHUNK x N32][lo: the same] (uint16), then 4 C tiles. */
+ * TN_CHUNK columns [hi: TN_CHUNK x N32][lo: the same] or TNS_COLS x TNS_ROWS (uint16), then the C
+ * tiles: 4, or TNS_MB x TNS_COLS / 16 in the segmented tn. */
+#define TN_CHUNK 64
+#define TNS_COLS 256
+#define TNS_ROWS 512
+#define TNS_MB 8
 static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
-    const int64_t N32 = round32(N), need = 32 * K_pad > TN_CHUNK * N32 ? 32 * K_pad : TN_CHUNK * N32;
-    const int64_t amx = need + 4 * 256 + 16;
+    int64_t need = 32 * K_pad;                                   /* uint16 x 2 = floats */
+    if (TN_CHUNK * round32(N) > need) need = TN_CHUNK * round32(N);
+    if (TNS_COLS * TNS_ROWS > need) need = TNS_COLS * TNS_ROWS;
+    const int64_t amx = need + TNS_MB * (TNS_COLS / 16) * 256 + 16;
     const int64_t fb = kt_scratch_floats(fallback(), N, K_pad);
     return ((amx > fb ? amx : fb) + 15) & ~(int64_t)15;
 }
@@ -239,16 +255,19 @@ static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_
             continue;
         }
         const uint8_t *row = w + (size_t)n * L->row_bytes;
-        for (int64_t k = 0; k < Kp; k += 16) {
-            if (L->format == KT_FORMAT_INT8) {
-                const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-                _mm256_storeu_si256((__m256i *)(h + k), (__m256i)_mm512_cvtneps_pbh(q));
-            } else {
-                __m256i vh, vl;
-                split_bf16(load16(L, w, n, k), &vh, &vl);
-                _mm256_storeu_si256((__m256i *)(h + k), vh);
-                _mm256_storeu_si256((__m256i *)(l + k), vl);
+        if (L->format == KT_FORMAT_INT8) { /* 32 quants at a time, exact in bf16 */
+            for (int64_t k = 0; k < Kp; k += 32) {
+                const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+                const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k + 16))));
+                _mm512_storeu_si512(h + k, (__m512i)_mm512_cvtne2ps_pbh(q1, q0));
             }
+            continue;
+        }
+        for (int64_t k = 0; k < Kp; k += 16) {
+            __m256i vh, vl;
+            split_bf16(load16(L, w, n, k), &vh, &vl);
+            _mm256_storeu_si256((__m256i *)(h + k), vh);
+            _mm256_storeu_si256((__m256i *)(l + k), vl);
         }
     }
 }
@@ -285,8 +304,8 @@ static void nt_amx(const kt_gemm *g) {
         for (int64_t mb = 0; mb < Mb; mb += 2) {
             const int64_t nb = Mb - mb > 1 ? 2 : 1;
             const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
-            if (split) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, c);
-            else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, c);
+            if (split) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
+            else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -299,33 +318,40 @@ static void nt_amx(const kt_gemm *g) {
 
 /* ---- tn: backward --------------------------------------------------------------------------- */
 
-/* B operand for `tiles` x 16 columns from c0 over all rows: tile t holds, for pair q of rows
- * (2q, 2q+1), one 64-byte line of 16 (W[2q][c], W[2q+1][c]) pairs at hi + t * N32 * 16 + q * 32;
- * rows past N are zero; split: the lo halves likewise at lo. Row by row, so each row's stripe is
- * read once, in order, with the rows a few pairs ahead prefetched (the stripes of consecutive
- * rows lie a row apart, far beyond what the hardware prefetchers follow). */
+/* B operand for `tiles` x 16 columns from c0 over rows n0 .. n0 + rows (rows even): tile t holds,
+ * for pair q of rows (n0 + 2q, n0 + 2q + 1), one 64-byte line of 16 (W[n][c], W[n+1][c]) pairs at
+ * hi + t * rows * 16 + q * 32; rows past N are zero; split: the lo halves likewise at lo. Row by
+ * row, so each row's stripe is read once, in order, with the rows a few pairs ahead prefetched
+ * (the stripes of consecutive rows lie a row apart, far beyond what the hardware prefetchers
+ * follow). bf16 weights are interleaved as they are, with no trip through fp32. */
 #define TN_PREFETCH_PAIRS 4
-static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t N32,
-                              int split, uint16_t *hi, uint16_t *lo) {
+static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t n0,
+                              int64_t rows, int split, uint16_t *hi, uint16_t *lo) {
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_loadu_si512(order);
-    const int64_t tile = N32 * 16;
-    const size_t stripe = (size_t)(L->format == KT_FORMAT_BF16 ? 32 * tiles : L->format == KT_FORMAT_INT8 ? 16 * tiles : 8 * tiles);
-    const size_t first = (size_t)(L->format == KT_FORMAT_BF16 ? 2 * c0 : L->format == KT_FORMAT_INT8 ? c0 : c0 / 2);
-    for (int64_t q = 0; q < N32 / 2; q++) {
-        const int64_t n = 2 * q;
+    const int64_t tile = rows * 16;
+    const int bf16 = L->format == KT_FORMAT_BF16;
+    const size_t stripe = (size_t)(bf16 ? 32 * tiles : L->format == KT_FORMAT_INT8 ? 16 * tiles : 8 * tiles);
+    const size_t first = (size_t)(bf16 ? 2 * c0 : L->format == KT_FORMAT_INT8 ? c0 : c0 / 2);
+    for (int64_t q = 0; q < rows / 2; q++) {
+        const int64_t n = n0 + 2 * q;
         for (int64_t r = n + 2 * TN_PREFETCH_PAIRS; r < n + 2 * TN_PREFETCH_PAIRS + 2 && r < L->N; r++)
             for (size_t b = 0; b < stripe; b += 64) _mm_prefetch((const char *)(w + (size_t)r * L->row_bytes + first + b), _MM_HINT_T0);
+        if (bf16) {
+            const uint8_t *r0 = w + (size_t)n * L->row_bytes + first, *r1 = r0 + L->row_bytes;
+            for (int64_t t = 0; t < tiles; t++) {
+                const __m256i v0 = n < L->N ? _mm256_loadu_si256((const __m256i *)(r0 + 32 * t)) : _mm256_setzero_si256();
+                const __m256i v1 = n + 1 < L->N ? _mm256_loadu_si256((const __m256i *)(r1 + 32 * t)) : _mm256_setzero_si256();
+                _mm512_storeu_si512(hi + t * tile + q * 32,
+                                    _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1)));
+            }
+            continue;
+        }
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t c = c0 + 16 * t;
             const __m512 v0 = n < L->N ? load16(L, w, n, c) : _mm512_setzero_ps();
             const __m512 v1 = n + 1 < L->N ? load16(L, w, n + 1, c) : _mm512_setzero_ps();
-            if (!split) {
-                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
-                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(inter, both));
-                continue;
-            }
             __m256i h0, l0, h1, l1;
             split_bf16(v0, &h0, &l0);
             split_bf16(v1, &h1, &l1);
@@ -337,9 +363,13 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
     }
 }
 
-/* tn works in chunks of TN_CHUNK columns: their B operand (pairs over all N rows, hi and lo) is
- * built once and stays in L2 while every token block passes over it. */
-
+/* tn with few tokens (Mb <= TNS_MB blocks of 16): chunks of TNS_COLS columns, each built as B
+ * operands of TNS_ROWS contraction rows at a time, so every weight row is read TNS_COLS columns
+ * wide (wide stripes stream near the sequential rate; 64-column ones at ~half of it here) while
+ * the operand stays small in L2. The C tiles of all token blocks wait in scratch between
+ * segments: the fp32 sums continue exactly, so the result is the one-pass result bit for bit.
+ * With many tokens the B operand of TN_CHUNK columns over all rows is built once and every token
+ * block passes over it. */
 static void tn_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
     if (!g->a_bf16 || g->lo % 16) {
@@ -347,30 +377,39 @@ static void tn_amx(const kt_gemm *g) {
         return;
     }
     kt_amx_tiles_on();
-    const int64_t N32 = round32(L->N), steps = N32 / 32, Mb = (g->M + 15) / 16, tile = N32 * 16; /* uint16 */
+    const int64_t N32 = round32(L->N), Mb = (g->M + 15) / 16;
     const int split = L->format != KT_FORMAT_BF16;
-    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + (TN_CHUNK / 16) * tile;
-    float *c = (float *)(lo + (TN_CHUNK / 16) * tile);
-    c = (float *)(((uintptr_t)c + 63) & ~(uintptr_t)63);
+    const int seg = Mb <= TNS_MB;
+    const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
+    const int64_t c_ld = seg ? (TNS_COLS / 16) * 256 : 512; /* floats between token blocks' C tiles */
+    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + chunk * seg_rows;
+    float *cbuf = (float *)(((uintptr_t)(lo + chunk * seg_rows) + 63) & ~(uintptr_t)63);
     const int64_t ablock = 16 * N32 * 2; /* bytes per 16 activation rows (tiles of 1 KiB) */
-    for (int64_t c0 = g->lo; c0 < g->hi; c0 += TN_CHUNK) {
-        const int64_t tiles = ((g->hi - c0 < TN_CHUNK ? g->hi - c0 : TN_CHUNK) + 15) / 16;
-        weight_pairs_bf16(L, g->w, c0, tiles, N32, split, hi, lo);
-        for (int64_t mb = 0; mb < Mb; mb += 2) {
-            const int64_t na = Mb - mb > 1 ? 2 : 1;
-            const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32), *a1 = a0 + ablock;
-            for (int64_t t = 0; t < tiles; t += 2) {
-                const int64_t nb = tiles - t > 1 ? 2 : 1;
-                const uint8_t *b0 = (const uint8_t *)(hi + t * tile), *b1 = b0 + tile * 2;
-                const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
-                if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, c);
-                else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, c);
-                for (int64_t ia = 0; ia < na; ia++)
-                    for (int64_t ib = 0; ib < nb; ib++) {
-                        const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
-                        const int64_t col = c0 + (t + ib) * 16, w = g->hi - col < 16 ? g->hi - col : 16;
-                        write_tn(g, c + (ia * 2 + ib) * 256, m0, mv, col - g->lo, w);
-                    }
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += chunk) {
+        const int64_t tiles = ((g->hi - c0 < chunk ? g->hi - c0 : chunk) + 15) / 16;
+        for (int64_t n0 = 0; n0 < N32; n0 += seg_rows) {
+            const int64_t rows = N32 - n0 < seg_rows ? N32 - n0 : seg_rows, steps = rows / 32, tile = rows * 16;
+            const int last = n0 + rows >= N32;
+            weight_pairs_bf16(L, g->w, c0, tiles, n0, rows, split, hi, lo);
+            for (int64_t mb = 0; mb < Mb; mb += 2) {
+                const int64_t na = Mb - mb > 1 ? 2 : 1;
+                const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32 + n0 * 16), *a1 = a0 + ablock;
+                for (int64_t t = 0; t < tiles; t += 2) {
+                    const int64_t nb = tiles - t > 1 ? 2 : 1;
+                    const uint8_t *b0 = (const uint8_t *)(hi + t * tile), *b1 = b0 + tile * 2;
+                    const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
+                    float *c = seg ? cbuf + mb * c_ld + t * 256 : cbuf;
+                    const float *cin = n0 > 0 ? c : NULL;
+                    if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    if (!last) continue;
+                    for (int64_t ia = 0; ia < na; ia++)
+                        for (int64_t ib = 0; ib < nb; ib++) {
+                            const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                            const int64_t col = c0 + (t + ib) * 16, w = g->hi - col < 16 ? g->hi - col : 16;
+                            write_tn(g, c + ia * c_ld + ib * 256, m0, mv, col - g->lo, w);
+                        }
+                }
             }
         }
     }
@@ -447,7 +486,7 @@ static void nt_q8_amx(const kt_gemm *g) {
             const int64_t nb = Mb - mb > 1 ? 2 : 1;
             const uint8_t *b0 = (const uint8_t *)(g->a_q8 + mb * 16 * Kp), *b1 = b0 + 16 * Kp;
             KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a0 + 16 * as, NULL, NULL, as, 64, b0, b1, NULL, NULL,
-                                 1024, 64, (float *)c);
+                                 1024, 64, NULL, (float *)c, 512);
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -503,7 +542,7 @@ static void tn_q8_amx(const kt_gemm *g) {
                 const int64_t nb = tiles - t > 1 ? 2 : 1;
                 const uint8_t *b0 = (const uint8_t *)(bq + t * tile), *b1 = b0 + tile;
                 KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, NULL, NULL, 1024,
-                                     64, (float *)c);
+                                     64, NULL, (float *)c, 512);
                 for (int64_t ia = 0; ia < na; ia++)
                     for (int64_t ib = 0; ib < nb; ib++) {
                         const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -518,10 +557,10 @@ static void dots_amx(const float *M, int64_t r, int64_t n, const float *v, float
 static void axpy_amx(float alpha, const float *x, float *y, int64_t n) { fallback()->axpy(alpha, x, y, n); }
 
 #ifndef AMX_ROWS_PER_TASK
-#define AMX_ROWS_PER_TASK 64
+#define AMX_ROWS_PER_TASK 256
 #endif
 #ifndef AMX_COLS_PER_TASK
-#define AMX_COLS_PER_TASK 128
+#define AMX_COLS_PER_TASK 256
 #endif
 
 const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .nt_q8 = nt_q8_amx, .tn_q8 = tn_q8_amx,

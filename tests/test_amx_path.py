@@ -48,6 +48,9 @@ def _run(path, packed, x, idx, w, dy, gu_in=None, lora=None):
         (1, 128, 80, 33, 1),     # three token tiles: a pair and a single
         (2, 150, 45, 70, 1),     # two experts, ~35 tokens each
         (64, 256, 96, 300, 6),   # DeepSeek-V2-Lite's E and k
+        (4, 600, 300, 60, 2),    # backward in segments of 512 contraction rows (2I = 600, H = 600) and
+                                 # 256-column chunks with tails (H = 600, I = 300), ~30 tokens per expert
+        (2, 540, 270, 300, 1),   # ~150 tokens per expert: the one-pass backward (more than 8 token tiles)
     ],
 )
 def test_amx_matches_avx512(fmt, e, h, inter, t, k):

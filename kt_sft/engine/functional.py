@@ -122,6 +122,7 @@ def pack_experts(gate_up_proj: torch.Tensor, down_proj: torch.Tensor, format: st
     def pack(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
         w = w.detach().to("cpu").contiguous()
         out = torch.empty((e, matrix_bytes(fmt, n, k)), dtype=torch.uint8)
+        runtime.advise_hugepages(out.data_ptr(), out.numel())  # before the first write
         rc = lib.kt_quantize_experts(TRAITS[fmt].c_id, _ptr(w), _ACT_DTYPES[w.dtype], e, n, k, _ptr(out))
         _native.check(rc, "kt_quantize_experts")
         return out

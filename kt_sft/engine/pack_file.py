@@ -29,6 +29,7 @@ import torch
 
 from kt_sft.engine.formats import Format, matrix_bytes
 from kt_sft.engine.functional import PackedExperts
+from kt_sft.engine.runtime import hugepages_enabled
 
 MAGIC = b"KTSFTPK1"
 VERSION = 1
@@ -204,6 +205,11 @@ class PackFile:
                     raise ValueError(f"{self.path}: truncated (layer {layer} {which} ends at {t.offset + t.nbytes}, file has {size} bytes)")
         self._file = open(self.path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and hugepages_enabled():
+            try:  # a hint (see runtime.advise_hugepages); file pages get it where the filesystem allows
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
         if verify:
             self.verify()
 
