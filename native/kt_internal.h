@@ -101,6 +101,9 @@ typedef struct {
     /* Likewise for the int8 compute mode's int8 rows (tables with pack_q8, int8 weights only):
      * 64-column tiles of 16 rows x 64 bytes; KT_PACK_VNNI for nt_q8, KT_PACK_TILES for tn_q8. */
     const int8_t *a_q8;
+    /* tn with int8 weights, tables with pack_bf16_scaled: a_bf16 holds hi and this lo of the rows
+     * times the weights' row scales (see pack_bf16_scaled), so tn multiplies by the quants alone. */
+    const uint16_t *a_bf16_lo;
 } kt_gemm;
 
 /* Layouts of a prepared bf16 operand of M rows (m) by C columns (the contraction), M16 = M
@@ -138,6 +141,11 @@ typedef struct {
      * activation rows once per phase with this (dst as described at KT_PACK_*; rows hold
      * bf16-exact fp32 values of length C) and hands them to nt / tn as kt_gemm.a_bf16. */
     void (*pack_bf16)(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst);
+    /* Optional, the same for tn (KT_PACK_TILES) on int8 weights: v = rows[m][c] * scale[c] (the
+     * row scales of the matrix tn reads, which vary along its contraction) as two bf16 operands,
+     * v = hi + lo + O(2^-17 |v|), so tn's products need the exact quants only. */
+    void (*pack_bf16_scaled)(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
+                             uint16_t *lo);
     /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a
      * multiple of 64 already), handed over as kt_gemm.a_q8. */
     void (*pack_q8)(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst);

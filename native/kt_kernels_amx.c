@@ -10,10 +10,12 @@
  *      with consecutive rows n interleaved in pairs, built in scratch from column stripes of the
  *      rows (256 columns by 512 rows at a time when there are few tokens), C[m][c].
  * Weights as stored, kept exact: bf16 weights are bf16; int8 quants are exact in bf16 and their
- * per-row scale (an output row of nt) multiplies the result. Where a scale varies along the
- * contraction (int8 in tn, int4 in both) the dequantized fp32 weight is split into two bf16
- * terms hi + lo (|w - hi - lo| <= 2^-17 |w|) and both are multiplied: twice the tile work, no
- * rounding of the weights beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
+ * per-row scale (an output row of nt) multiplies the result. In tn the int8 row scale varies
+ * along the contraction: the job hands over the activations times those scales as two bf16
+ * operands hi + lo (pack_bf16_scaled, |v - hi - lo| <= 2^-17 |v|) and tn multiplies both by the
+ * quants. int4's scale varies along the contraction in both products (by 32-blocks) and with the
+ * output: there the dequantized fp32 weight is split into hi + lo instead. Either way twice the
+ * tile work and no rounding beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
  * output, so results do not depend on the thread count.
  * The f32 compute mode (activations not bf16) and the int8 one use the avx512 table's kernels
  * (avx2's when that table is absent from the build).
@@ -112,6 +114,28 @@ static void pack_bf16_amx(const float *const *rows, int64_t M, int64_t C, int la
     for (int64_t m = 0; m < M; m++) {
         uint32_t *blk = (uint32_t *)(dst + (m / 16) * 16 * C32) + (m % 16);
         for (int64_t c = 0; c < C32; c += 32) _mm512_i32scatter_epi32(blk + c * 8, lines, row32_bf16(rows[m], c, C), 4);
+    }
+}
+
+/* tn's operand on int8 weights (KT_PACK_TILES): v = row[c] * scale[c] split into hi + lo. */
+static void pack_bf16_scaled_amx(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
+                                 uint16_t *lo) {
+    const int64_t C32 = round32(C), M16 = (M + 15) & ~(int64_t)15;
+    if (M < M16) {
+        memset(hi + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
+        memset(lo + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const size_t at = (size_t)((m / 16) * 16 * C32 + (m % 16) * 32);
+        for (int64_t c = 0; c < C32; c += 32) {
+            const __m512 v0 = _mm512_mul_ps(load_row16(rows[m], c, C), load_row16(scale, c, C));
+            const __m512 v1 = _mm512_mul_ps(load_row16(rows[m], c + 16, C), load_row16(scale, c + 16, C));
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+            const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+            const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            _mm512_storeu_si512(hi + at + c * 16, h);
+            _mm512_storeu_si512(lo + at + c * 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0)));
+        }
     }
 }
 
@@ -327,6 +351,8 @@ static void nt_amx(const kt_gemm *g) {
 #define TN_PREFETCH_PAIRS 4
 static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t n0,
                               int64_t rows, int split, uint16_t *hi, uint16_t *lo) {
+    /* !split with int8 weights: the quants alone (exact in bf16; the row scales ride on the
+     * activations, see pack_bf16_scaled_amx) */
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_loadu_si512(order);
@@ -345,6 +371,17 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
                 const __m256i v1 = n + 1 < L->N ? _mm256_loadu_si256((const __m256i *)(r1 + 32 * t)) : _mm256_setzero_si256();
                 _mm512_storeu_si512(hi + t * tile + q * 32,
                                     _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1)));
+            }
+            continue;
+        }
+        if (!split) { /* int8 quants */
+            const uint8_t *r0 = w + (size_t)n * L->row_bytes + first, *r1 = r0 + L->row_bytes;
+            for (int64_t t = 0; t < tiles; t++) {
+                const __m512 v0 = n < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r0 + 16 * t))))
+                                           : _mm512_setzero_ps();
+                const __m512 v1 = n + 1 < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r1 + 16 * t))))
+                                               : _mm512_setzero_ps();
+                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(v1, v0)));
             }
             continue;
         }
@@ -378,7 +415,8 @@ static void tn_amx(const kt_gemm *g) {
     }
     kt_amx_tiles_on();
     const int64_t N32 = round32(L->N), Mb = (g->M + 15) / 16;
-    const int split = L->format != KT_FORMAT_BF16;
+    const int scaled = g->a_bf16_lo != NULL && L->format == KT_FORMAT_INT8; /* A = hi, lo; B = quants */
+    const int split = L->format != KT_FORMAT_BF16 && !scaled;
     const int seg = Mb <= TNS_MB;
     const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
     const int64_t c_ld = seg ? (TNS_COLS / 16) * 256 : 512; /* floats between token blocks' C tiles */
@@ -394,6 +432,8 @@ static void tn_amx(const kt_gemm *g) {
             for (int64_t mb = 0; mb < Mb; mb += 2) {
                 const int64_t na = Mb - mb > 1 ? 2 : 1;
                 const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32 + n0 * 16), *a1 = a0 + ablock;
+                const uint8_t *a0l = scaled ? (const uint8_t *)(g->a_bf16_lo + mb * 16 * N32 + n0 * 16) : NULL;
+                const uint8_t *a1l = scaled ? a0l + ablock : NULL;
                 for (int64_t t = 0; t < tiles; t += 2) {
                     const int64_t nb = tiles - t > 1 ? 2 : 1;
                     const uint8_t *b0 = (const uint8_t *)(hi + t * tile), *b1 = b0 + tile * 2;
@@ -401,6 +441,7 @@ static void tn_amx(const kt_gemm *g) {
                     float *c = seg ? cbuf + mb * c_ld + t * 256 : cbuf;
                     const float *cin = n0 > 0 ? c : NULL;
                     if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    else if (scaled) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, NULL, NULL, 1024, 64, cin, c, c_ld);
                     else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
                     if (!last) continue;
                     for (int64_t ia = 0; ia < na; ia++)
@@ -565,7 +606,7 @@ static void axpy_amx(float alpha, const float *x, float *y, int64_t n) { fallbac
 
 const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .nt_q8 = nt_q8_amx, .tn_q8 = tn_q8_amx,
                                    .dots = dots_amx, .axpy = axpy_amx, .scratch_floats = scratch_floats_amx,
-                                   .pack_bf16 = pack_bf16_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
+                                   .pack_bf16 = pack_bf16_amx, .pack_bf16_scaled = pack_bf16_scaled_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
                                    .swiglu_bwd = kt_swiglu_bwd_avx512, .rows_per_task = AMX_ROWS_PER_TASK,
                                    .cols_per_task = AMX_COLS_PER_TASK};
 
