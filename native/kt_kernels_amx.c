@@ -84,6 +84,25 @@ static inline void split_bf16(__m512 v, __m256i *hi, __m256i *lo) {
     *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
 }
 
+/* int4 by table: a 32-block's 16 possible weights (q - 8) * d, the products load16 forms, split
+ * into hi and lo halves once per block; vpermw then looks up 32 nibbles at a time. Bitwise the
+ * same halves as split_bf16(load16(...)). */
+static inline __m512 int4_values(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t b) {
+    if (n >= L->N) return _mm512_setzero_ps();
+    const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const uint16_t dh = ((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b];
+    return _mm512_mul_ps(iota8, _mm512_set1_ps(_cvtsh_ss(dh)));
+}
+
+/* hi and lo tables of two value vectors: entries 0-15 from v0, 16-31 from v1 */
+static inline void int4_tables2(__m512 v0, __m512 v1, __m512i *th, __m512i *tl) {
+    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
+    const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    *th = h;
+    *tl = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0));
+}
+
 /* ---- the prepared activation operand -------------------------------------------------------- */
 
 /* 16 values of a row from column c (fewer at the end of the row, zeros after). */
@@ -266,8 +285,9 @@ static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
     return ((amx > fb ? amx : fb) + 15) & ~(int64_t)15;
 }
 
-/* Rows n0 .. n0+rows of W as bf16 A rows of Kp columns: exact quants (int8, scale applied at the
- * output), or hi/lo halves of the dequantized weight (int4); rows past N are zero. */
+/* Rows n0 .. n0+rows of W as bf16 A rows of Kp columns: bf16 weights as they are, exact quants
+ * (int8, scale applied at the output), or hi/lo halves of the dequantized weight (int4); rows
+ * past N are zero. */
 static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t n0, int64_t rows, int64_t Kp,
                              uint16_t *hi, uint16_t *lo) {
     for (int64_t i = 0; i < rows; i++) {
@@ -287,11 +307,19 @@ static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_
             }
             continue;
         }
-        for (int64_t k = 0; k < Kp; k += 16) {
-            __m256i vh, vl;
-            split_bf16(load16(L, w, n, k), &vh, &vl);
-            _mm256_storeu_si256((__m256i *)(h + k), vh);
-            _mm256_storeu_si256((__m256i *)(l + k), vl);
+        if (L->format == KT_FORMAT_BF16) { /* the last rows of a matrix that ends inside a block */
+            memcpy(h, row, sizeof(uint16_t) * (size_t)(L->K < Kp ? L->K : Kp));
+            if (L->K < Kp) memset(h + L->K, 0, sizeof(uint16_t) * (size_t)(Kp - L->K));
+            continue;
+        }
+        for (int64_t k = 0; k < Kp; k += 32) { /* int4: one block of 32 per step */
+            __m512i th, tl;
+            int4_tables2(int4_values(L, w, n, k / 32), _mm512_setzero_ps(), &th, &tl);
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+            const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
+                                                   _mm256_srli_epi16(bytes, 4), 1);
+            _mm512_storeu_si512(h + k, _mm512_permutexvar_epi16(idx, th));
+            _mm512_storeu_si512(l + k, _mm512_permutexvar_epi16(idx, tl));
         }
     }
 }
@@ -382,6 +410,27 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
                 const __m512 v1 = n + 1 < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r1 + 16 * t))))
                                                : _mm512_setzero_ps();
                 _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(v1, v0)));
+            }
+            continue;
+        }
+        if (L->format == KT_FORMAT_INT4) { /* tables of both rows' block: n at 0-15, n + 1 at 16-31 */
+            int64_t tb = -1;
+            __m512i th = _mm512_setzero_si512(), tl = th, both = th;
+            for (int64_t t = 0; t < tiles; t++) {
+                const int64_t c = c0 + 16 * t, b = c / KT_INT4_BLOCK;
+                if (b != tb) {
+                    tb = b;
+                    int4_tables2(int4_values(L, w, n, b), int4_values(L, w, n + 1, b), &th, &tl);
+                    const uint8_t *r0 = w + (size_t)n * L->row_bytes + b * (KT_INT4_BLOCK / 2);
+                    const __m512i q0 = n < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r0)) : _mm512_setzero_si512();
+                    const __m512i q1 = n + 1 < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + L->row_bytes)))
+                                                    : _mm512_setzero_si512();
+                    both = _mm512_or_si512(q0, _mm512_slli_epi32(q1, 16)); /* lane j: byte j of n | of n + 1 << 16 */
+                }
+                __m512i idx = c % KT_INT4_BLOCK ? _mm512_srli_epi32(both, 4) : both; /* high nibbles: columns 16-31 */
+                idx = _mm512_add_epi32(_mm512_and_si512(idx, _mm512_set1_epi32(0x000F000F)), _mm512_set1_epi32(0x00100000));
+                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(idx, th));
+                _mm512_storeu_si512(lo + t * tile + q * 32, _mm512_permutexvar_epi16(idx, tl));
             }
             continue;
         }

@@ -15,7 +15,7 @@ from helpers import distinct_routing, rel_err
 
 from kt_sft import engine
 from kt_sft.engine.formats import ComputeMode
-from kt_sft.engine.functional import ExpertLora, moe_backward, moe_forward, pack_experts
+from kt_sft.engine.functional import SELF_CHECK_FAILURES, ExpertLora, moe_backward, moe_forward, pack_experts
 
 pytestmark = pytest.mark.skipif(
     not {"amx", "avx512"} <= set(engine.available_kernel_paths()), reason="no AMX-BF16 on this CPU/build"
@@ -32,6 +32,9 @@ def _run(path, packed, x, idx, w, dy, gu_in=None, lora=None):
     try:
         y, gu = moe_forward(packed, x, idx, w, ComputeMode.BF16, lora=lora)
         dx, dw, _ = moe_backward(packed, dy, idx, w, gu if gu_in is None else gu_in, ComputeMode.BF16, x=x, lora=lora)
+        # a path that fails the start-up self-check is swapped for the next one down: that would make
+        # this comparison vacuous, so the path must still be the one asked for
+        assert engine.kernel_path() == path, f"{path} was replaced after its self-check: {SELF_CHECK_FAILURES}"
     finally:
         engine.set_kernel_path(before)
     return y, gu, dx, dw
