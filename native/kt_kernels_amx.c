@@ -8,7 +8,7 @@
  *      pack (int8/int4 rows are converted in scratch), B = the activations in VNNI pairs, C[n][m].
  *   tn (backward, out[m][c] = sum_n a[m][n] W[n][c]): A = the activation rows, B = the weights
  *      with consecutive rows n interleaved in pairs, built in scratch from column stripes of the
- *      rows (256 columns by 512 rows at a time when there are few tokens), C[m][c].
+ *      rows (a task's 128 columns by 512 rows at a time when there are few tokens), C[m][c].
  * Weights as stored, kept exact: bf16 weights are bf16; int8 quants are exact in bf16 and their
  * per-row scale (an output row of nt) multiplies the result. In tn the int8 row scale varies
  * along the contraction: the job hands over the activations times those scales as two bf16
@@ -273,7 +273,7 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
  * TN_CHUNK columns [hi: TN_CHUNK x N32][lo: the same] or TNS_COLS x TNS_ROWS (uint16), then the C
  * tiles: 4, or TNS_MB x TNS_COLS / 16 in the segmented tn. */
 #define TN_CHUNK 64
-#define TNS_COLS 256
+#define TNS_COLS 128
 #define TNS_ROWS 512
 #define TNS_MB 8
 static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
@@ -451,8 +451,10 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
 
 /* tn with few tokens (Mb <= TNS_MB blocks of 16): chunks of TNS_COLS columns, each built as B
  * operands of TNS_ROWS contraction rows at a time, so every weight row is read TNS_COLS columns
- * wide (wide stripes stream near the sequential rate; 64-column ones at ~half of it here) while
- * the operand stays small in L2. The C tiles of all token blocks wait in scratch between
+ * wide (the wider the stripe the nearer the sequential rate: measured on the AMX Xeon, 2 threads,
+ * 128-byte stripes read at ~0.6x of it, 512-byte ones at ~1x) while the operand stays small in
+ * L2. (Wider tasks, 256 columns, read wider stripes but balanced worse between two threads on a
+ * shared machine: slower overall in A/B runs.) The C tiles of all token blocks wait in scratch between
  * segments: the fp32 sums continue exactly, so the result is the one-pass result bit for bit.
  * With many tokens the B operand of TN_CHUNK columns over all rows is built once and every token
  * block passes over it. */
@@ -650,7 +652,7 @@ static void axpy_amx(float alpha, const float *x, float *y, int64_t n) { fallbac
 #define AMX_ROWS_PER_TASK 256
 #endif
 #ifndef AMX_COLS_PER_TASK
-#define AMX_COLS_PER_TASK 256
+#define AMX_COLS_PER_TASK 128
 #endif
 
 const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .nt_q8 = nt_q8_amx, .tn_q8 = tn_q8_amx,
