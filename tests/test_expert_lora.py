@@ -243,6 +243,26 @@ def test_adapter_loads_in_plain_peft_on_original_checkpoint(tiny, tmp_path):
     assert without_adapter > 20 * diff  # the adapter (expert LoRA included) changes the logits
 
 
+def test_save_with_module_walk_state_dict_uses_peft_names(tiny, tmp_path):
+    """DeepSpeed ZeRO-3 hands save_pretrained a state dict gathered by walking the modules (no
+    state-dict hooks, so kt_sft's attribute names): the saved adapter must still carry PEFT's names
+    and equal the one a plain save writes."""
+    from safetensors.torch import load_file
+
+    pm = get_peft_model(kt_model(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "experts"]))
+    randomize_lora(pm, seed=3)
+    walked = {name: p.detach().clone() for name, p in pm.named_parameters()}  # as ZeRO-3's gather
+    assert any(".experts.lora_gu_A." in k for k in walked)
+    pm.save_pretrained(tmp_path / "plain")
+    pm.save_pretrained(tmp_path / "walked", state_dict=walked)
+    plain, got = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "walked"))
+    assert set(got) == set(plain)
+    assert not any("lora_gu_" in k for k in got)
+    assert any(k.endswith("experts.base_layer.lora_A.weight") for k in got)
+    for k in plain:
+        torch.testing.assert_close(got[k], plain[k], rtol=0, atol=0)
+
+
 def test_reload_on_kt_model_and_rank_mismatch(tiny, tmp_path):
     from peft import PeftModel
 

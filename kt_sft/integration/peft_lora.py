@@ -14,6 +14,7 @@ loads with plain transformers + peft on the original checkpoint once its config 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -53,6 +54,7 @@ class LoraCPUExperts(CPUExperts, LoraLayer):
         self.in_features = self.out_features = self.hidden_dim
         self.register_state_dict_post_hook(_to_peft_keys)
         self._register_load_state_dict_pre_hook(_from_peft_keys, with_module=True)
+        _install_save_names()
 
     # BaseTunerLayer's `weight`/`bias` read the base layer's, which is this module: there are none.
     @property
@@ -163,6 +165,40 @@ def _rename(state_dict, prefix: str, mapping: dict[str, str]) -> None:
 
 def _to_peft_keys(module, state_dict, prefix, local_metadata):
     _rename(state_dict, prefix, PEFT_KEYS)
+
+
+def peft_names(model: nn.Module, state_dict: dict) -> dict:
+    """A copy of `state_dict` (keys relative to `model`) with every LoraCPUExperts' tensors under
+    PEFT's key names: what model.state_dict() gives through _to_peft_keys, for a dict that was
+    built without state-dict hooks (DeepSpeed ZeRO-3 gathers its parameters by module walk)."""
+    out = dict(state_dict)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraCPUExperts):
+            _rename(out, f"{name}." if name else "", PEFT_KEYS)
+    return out
+
+
+def _install_save_names() -> None:
+    """transformers' Trainer saves a DeepSpeed ZeRO-3 model as model.save_pretrained(dir,
+    state_dict=<the gathered parameters>), a dict built by walking the modules, which PEFT then
+    filters and writes as given: the expert LoRA would be saved under kt_sft's attribute names, which
+    plain PEFT does not load. PeftModel.save_pretrained is wrapped (once per process, only where
+    kt_sft's expert LoRA exists) to give a passed state_dict PEFT's names first; without a
+    state_dict PEFT calls model.state_dict(), whose hooks already do it."""
+    from peft import PeftModel
+
+    original = PeftModel.save_pretrained
+    if getattr(original, "_kt_sft_names", False):
+        return
+
+    @functools.wraps(original)
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        if state_dict is not None:
+            state_dict = peft_names(self, state_dict)
+        return original(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+    save_pretrained._kt_sft_names = True
+    PeftModel.save_pretrained = save_pretrained
 
 
 def _from_peft_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
