@@ -101,8 +101,8 @@ typedef struct {
     /* Likewise for the int8 compute mode's int8 rows (tables with pack_q8, int8 weights only):
      * 64-column tiles of 16 rows x 64 bytes; KT_PACK_VNNI for nt_q8, KT_PACK_TILES for tn_q8. */
     const int8_t *a_q8;
-    /* tn with int8 weights, tables with pack_bf16_scaled: a_bf16 holds hi and this lo of the rows
-     * times the weights' row scales (see pack_bf16_scaled), so tn multiplies by the quants alone. */
+    /* tn after pack_bf16_scaled: a_bf16 holds hi and this lo (int8 weights: the rows times the
+     * weights' row scales, so tn multiplies by the quants alone; int4: the fp32 rows). */
     const uint16_t *a_bf16_lo;
 } kt_gemm;
 
@@ -141,9 +141,10 @@ typedef struct {
      * activation rows once per phase with this (dst as described at KT_PACK_*; rows hold
      * bf16-exact fp32 values of length C) and hands them to nt / tn as kt_gemm.a_bf16. */
     void (*pack_bf16)(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst);
-    /* Optional, the same for tn (KT_PACK_TILES) on int8 weights: v = rows[m][c] * scale[c] (the
-     * row scales of the matrix tn reads, which vary along its contraction) as two bf16 operands,
-     * v = hi + lo + O(2^-17 |v|), so tn's products need the exact quants only. */
+    /* Optional, the same for tn (KT_PACK_TILES) as two bf16 operands v = hi + lo + O(2^-17 |v|),
+     * v = rows[m][c] * scale[c]: int8 weights in the bf16 mode (scale: the row scales of the matrix
+     * tn reads, which vary along its contraction; tn then needs the exact quants only), and int4
+     * weights in the int8 mode, whose backward keeps fp32 activations (scale NULL: 1). */
     void (*pack_bf16_scaled)(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
                              uint16_t *lo);
     /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a

@@ -17,8 +17,11 @@
  * output: there the dequantized fp32 weight is split into hi + lo instead. Either way twice the
  * tile work and no rounding beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
  * output, so results do not depend on the thread count.
- * The f32 compute mode (activations not bf16) and the int8 one use the avx512 table's kernels
- * (avx2's when that table is absent from the build).
+ * The int8 compute mode: int8 weights multiply on AMX-INT8 tiles (tdpbssd, below); int4 weights
+ * run the forward on the avx512 table's vpdpbusd kernels and the backward -- whose activations
+ * that mode keeps in fp32 -- here, with the activations as hi + lo too: three products (hi x hi,
+ * hi x lo, lo x hi; lo x lo, below 2^-18 of a term, is left out), so ~2^-17 of fp32 per term.
+ * The f32 compute mode uses the avx512 table's kernels (avx2's when that table is absent).
  */
 #include "kt_internal.h"
 
@@ -136,7 +139,7 @@ static void pack_bf16_amx(const float *const *rows, int64_t M, int64_t C, int la
     }
 }
 
-/* tn's operand on int8 weights (KT_PACK_TILES): v = row[c] * scale[c] split into hi + lo. */
+/* tn's operand (KT_PACK_TILES): v = row[c] * scale[c] (scale NULL: 1) split into hi + lo. */
 static void pack_bf16_scaled_amx(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
                                  uint16_t *lo) {
     const int64_t C32 = round32(C), M16 = (M + 15) & ~(int64_t)15;
@@ -147,8 +150,11 @@ static void pack_bf16_scaled_amx(const float *const *rows, int64_t M, int64_t C,
     for (int64_t m = 0; m < M; m++) {
         const size_t at = (size_t)((m / 16) * 16 * C32 + (m % 16) * 32);
         for (int64_t c = 0; c < C32; c += 32) {
-            const __m512 v0 = _mm512_mul_ps(load_row16(rows[m], c, C), load_row16(scale, c, C));
-            const __m512 v1 = _mm512_mul_ps(load_row16(rows[m], c + 16, C), load_row16(scale, c + 16, C));
+            __m512 v0 = load_row16(rows[m], c, C), v1 = load_row16(rows[m], c + 16, C);
+            if (scale) {
+                v0 = _mm512_mul_ps(v0, load_row16(scale, c, C));
+                v1 = _mm512_mul_ps(v1, load_row16(scale, c + 16, C));
+            }
             const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
             const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
             const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
@@ -238,14 +244,18 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
         _tile_loadd(6, b0 + bo, bs);
         if (nb > 1) _tile_loadd(7, b1 + bo, bs);
         KT_DP4();
-        if (split_b) { /* A x B_lo */
-            _tile_loadd(6, b0l + bo, bs);
-            if (nb > 1) _tile_loadd(7, b1l + bo, bs);
-            KT_DP4();
-        }
-        if (split_a) { /* A_lo x B (split_a and split_b are never both set: B is still loaded) */
+        if (split_a) { /* A_lo x B */
             _tile_loadd(4, a0l + ao, as);
             if (na > 1) _tile_loadd(5, a1l + ao, as);
+            KT_DP4();
+        }
+        if (split_b) { /* A x B_lo (with split_a too: A_hi again; A_lo x B_lo, ~2^-18, is left out) */
+            if (split_a) {
+                _tile_loadd(4, a0 + ao, as);
+                if (na > 1) _tile_loadd(5, a1 + ao, as);
+            }
+            _tile_loadd(6, b0l + bo, bs);
+            if (nb > 1) _tile_loadd(7, b1l + bo, bs);
             KT_DP4();
         }
     }
@@ -466,8 +476,10 @@ static void tn_amx(const kt_gemm *g) {
     }
     kt_amx_tiles_on();
     const int64_t N32 = round32(L->N), Mb = (g->M + 15) / 16;
-    const int scaled = g->a_bf16_lo != NULL && L->format == KT_FORMAT_INT8; /* A = hi, lo; B = quants */
-    const int split = L->format != KT_FORMAT_BF16 && !scaled;
+    /* A as hi + lo (a_bf16_lo): int8 -- B the exact quants; int4 (fp32 activations) -- B hi + lo
+     * too, three products */
+    const int scaled = g->a_bf16_lo != NULL && L->format != KT_FORMAT_BF16;
+    const int split = L->format == KT_FORMAT_INT4 || (L->format == KT_FORMAT_INT8 && !scaled);
     const int seg = Mb <= TNS_MB;
     const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
     const int64_t c_ld = seg ? (TNS_COLS / 16) * 256 : 512; /* floats between token blocks' C tiles */
@@ -491,7 +503,8 @@ static void tn_amx(const kt_gemm *g) {
                     const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
                     float *c = seg ? cbuf + mb * c_ld + t * 256 : cbuf;
                     const float *cin = n0 > 0 ? c : NULL;
-                    if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    if (split && scaled) KT_BLOCK_DISPATCH(na, nb, 1, 1, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    else if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
                     else if (scaled) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, NULL, NULL, 1024, 64, cin, c, c_ld);
                     else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
                     if (!last) continue;

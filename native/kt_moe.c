@@ -15,7 +15,8 @@
  * In the int8 compute mode the products read int8 activation rows with one scale each: x per token
  * (F0), h per pair (F1q), and in the backward -- int8 weights only -- the incoming gradients with the
  * weights' per-row scales folded in, per pair (B0q: dy * d_down, B2q: dgu * d_gate_up), so the
- * integer sums need no scale inside them. int4 weights keep fp32 activations in the backward.
+ * integer sums need no scale inside them. int4 weights keep fp32 activations in the backward
+ * (tables with pack_bf16_scaled take them as prepared hi + lo bf16 operands, B0p / B2p).
  *
  * LoRA (lora_r > 0; B maps a product's input to rank r, A maps rank r to its output, s the scale):
  *   F0L tg[p] = B_gu[e] xa[t]                     F1  gu[p] += s A_gu[e]^T tg[p]   (before h)
@@ -180,6 +181,10 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->prep = a->act_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
+    /* int8 mode, int4 weights: the backward's activations stay fp32; tables with pack_bf16_scaled
+     * take them as hi + lo bf16 operands (scale 1) */
+    if (backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_bf16_scaled != NULL)
+        j->prep = j->prep_scaled = 1;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
     const int64_t op_rows = j->prep || j->prep8 ? ((P + 15) / 16 + E) * 16 : 0;
@@ -388,10 +393,12 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     if (j->prep8)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, layout,
                          (int8_t *)j->opb + j->blk16[e] * 16 * ((C + 63) & ~(int64_t)63));
-    else if (L_next && j->prep_scaled) /* tn's operand with the row scales of the matrix it reads */
+    else if (L_next && j->prep_scaled) /* tn's operand with the row scales of the matrix it reads (int8) */
         j->kern->pack_bf16_scaled((const float *const *)rows, M, C,
-                                  (const float *)(expert_mat(base_next, L_next, e) + L_next->scales_offset), dst,
-                                  dst + j->op_rows * C32);
+                                  L_next->format == KT_FORMAT_INT8
+                                      ? (const float *)(expert_mat(base_next, L_next, e) + L_next->scales_offset)
+                                      : NULL,
+                                  dst, dst + j->op_rows * C32);
     else
         j->kern->pack_bf16((const float *const *)rows, M, C, layout, dst);
 }

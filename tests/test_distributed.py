@@ -132,7 +132,7 @@ def launch(work: Path, out: Path, nproc: int, batch: int, kt: bool, nnodes: int 
         assert p.returncode == 0, text[-6000:]
     log = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in log if "loss" in e]
-    assert len(losses) == STEPS, log
+    assert len(losses) == int(args["max_steps"]), log
     return losses, load_file(out / "adapter_model.safetensors")
 
 
@@ -204,3 +204,16 @@ def test_two_nodes_over_loopback_match_one_rank(work, tmp_path):
     """NNODES=2, NODE_RANK=0/1, one rank each, MASTER_ADDR=127.0.0.1 and one MASTER_PORT for both."""
     kt, ref = parity(work, tmp_path, "2nodes", {"nproc": 1, "batch": 4}, {"nproc": 1, "batch": 2}, nnodes=2)
     assert_within(kt, ref)
+
+
+@needs_cli
+@pytest.mark.slow
+def test_zero3_saved_adapter_has_peft_names(work, tmp_path):
+    """DeepSpeed ZeRO-3 (LLaMA-Factory's offload config) saves the adapter from a state dict it
+    gathers by walking the modules: the expert LoRA must still be saved under PEFT's names."""
+    config = ROOT / "yaml_configs" / "deepspeed" / "ds_z3_offload_config.json"
+    _, adapter = launch(work, tmp_path / "z3", 1, 2, kt=True, deepspeed=config, max_steps=2)
+    experts = [k for k in adapter if ".experts." in k]
+    assert experts and not [k for k in experts if "lora_gu_" in k], sorted(adapter)
+    assert any(k.endswith("experts.base_layer.lora_A.weight") for k in experts)
+    assert any(k.endswith("experts.lora_B.weight") for k in experts)
