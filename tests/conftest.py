@@ -17,11 +17,19 @@ def _test_kernel_paths() -> list[str]:
 
 @pytest.fixture(params=_test_kernel_paths())
 def kernel_path(request):
-    """Runs a test once per kernel path this CPU and build offer, then restores the default."""
+    """Runs a test once per kernel path this CPU and build offer, then restores the default. A path
+    that failed its start-up self-check is swapped for the next one down at its first use, which would
+    make the test silently run another path: the path must not be marked failed before the test, and
+    must still be the selected one after it."""
+    from kt_sft.engine.functional import SELF_CHECK_FAILURES
+
+    assert request.param not in SELF_CHECK_FAILURES, (request.param, SELF_CHECK_FAILURES)
     before = engine.kernel_path()
     engine.set_kernel_path(request.param)
     yield request.param
+    after = engine.kernel_path()
     engine.set_kernel_path(before)
+    assert after == request.param, f"the test ran on {after}, not {request.param}: {SELF_CHECK_FAILURES}"
 
 
 @pytest.fixture

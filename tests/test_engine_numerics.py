@@ -180,7 +180,7 @@ def test_cuda_inputs_round_trip(seed):
     assert xc.grad.device.type == "cuda" and wc.grad.device.type == "cuda"
 
 
-def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
+def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch, request):
     """The chosen SIMD path is checked against scalar before first use; a path that disagrees is
     replaced by the next path down that passes, with a warning (simulated here by a corrupted
     comparison), and the failure is recorded for `kt-sft doctor`."""
@@ -201,6 +201,8 @@ def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
         for p in paths:
             Fn._VERIFIED.discard(engine.KERNEL_PATHS[p])
             Fn.SELF_CHECK_FAILURES.pop(p, None)
+
+    request.addfinalizer(lambda: (forget(), engine.set_kernel_path(best)))  # also when an assert fails
 
     # every path fails: the cascade ends on scalar
     forget()
@@ -231,4 +233,7 @@ def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch):
     with pytest.warns(RuntimeWarning, match="disagrees with the scalar reference"):
         Fn.verify_kernel_path()
     assert engine.kernel_path() == "scalar"
+    # leave no simulated failure behind: later tests in this process would silently run another path
+    monkeypatch.undo()
+    forget()
     engine.set_kernel_path(best)
