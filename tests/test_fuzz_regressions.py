@@ -2,6 +2,7 @@
 that found them are in tests/fuzz/corpus/*/regression-* and replay with `scripts/fuzz.sh --regress`."""
 
 import json
+import math
 import struct
 
 import pytest
@@ -12,7 +13,7 @@ from kt_sft.engine import functional as Fn
 from kt_sft.engine._native import ffi, lib
 from kt_sft.engine.formats import ComputeMode
 from kt_sft.engine.pack_file import MAGIC, PackFile
-from kt_sft.integration.convert import TensorIndex, read_source_config
+from kt_sft.integration.convert import TensorIndex, convert, read_source_config
 
 
 def _pack(path):
@@ -128,6 +129,32 @@ def test_config_values(tmp_path, config, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         read_source_config(tmp_path)
+
+
+_QWEN = {"model_type": "qwen3_moe", "hidden_size": 8, "num_hidden_layers": 1, "num_experts": 2,
+         "moe_intermediate_size": 4}
+
+
+@pytest.mark.parametrize("tensors, message", [
+    # found by fuzz_safetensors: a fused gate_up_proj whose down_proj is missing -> TypeError in convert
+    ({"gate_up_proj": [2, 8, 8], "eown_proj": [2, 8, 4]}, "gate_up_proj without .*down_proj"),
+    ({"down_proj": [2, 8, 4]}, "down_proj without .*gate_up_proj"),
+    ({"gate_up_proj": [1, 8, 8], "down_proj": [1, 8, 4]}, r"shape \(1, 8, 8\), expected \(2, \., \.\)"),
+    ({"gate_up_proj": [16, 8], "down_proj": [2, 8, 4]}, r"shape \(16, 8\)"),
+])
+def test_convert_fused_experts_incomplete(tmp_path, tensors, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(_QWEN))
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        n = 4 * math.prod(shape)
+        header[f"model.layers.0.mlp.experts.{name}"] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    _shard(model / "model.safetensors", header, b"\0" * offset)
+    with pytest.raises(ValueError, match=message):
+        convert(model, tmp_path / "out", "int8", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_config_not_utf8(tmp_path):

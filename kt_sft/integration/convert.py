@@ -146,7 +146,7 @@ def fp8_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, i
 
 def _moe_layers(arch: MoEArch, index: TensorIndex, num_layers: int) -> list[int]:
     return [i for i in range(num_layers)
-            if arch.expert_key(i, 0, 0) in index or arch.fused_keys(i)[0] in index]
+            if arch.expert_key(i, 0, 0) in index or any(k in index for k in arch.fused_keys(i))]
 
 
 def _is_expert_tensor(arch: MoEArch, name: str) -> bool:
@@ -223,9 +223,7 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
         sq_err = {layer: [0.0, 0.0] for layer in layers}
         bar = tqdm(total=len(layers) * num_experts, desc=f"experts -> {fmt.value}", unit="expert", disable=not progress)
         for layer in layers:
-            fused = arch.fused_keys(layer)
-            fused_gu = index.get(fused[0]) if fused[0] in index else None
-            fused_dn = index.get(fused[1]) if fused[1] in index else None
+            fused_gu, fused_dn = _fused_experts(arch, index, layer, num_experts)
             for e in range(num_experts):
                 if fused_gu is not None:
                     gu, dn = fused_gu[e].to(torch.float32), fused_dn[e].to(torch.float32)
@@ -311,6 +309,25 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
         if is_out_of_space(exc):
             raise out_of_space(exc, out, need) from exc
         raise
+
+
+def _fused_experts(arch, index, layer: int, num_experts: int):
+    """A layer's fused (E, 2I, H) gate_up / (E, H, I) down tensors, or (None, None) where the layer
+    stores experts one by one. Both or neither must be there, each 3-D with one slice per expert
+    (found by fuzz_safetensors: a fused gate_up without its down raised a TypeError)."""
+    names = arch.fused_keys(layer)
+    present = [name in index for name in names]
+    if not any(present):
+        return None, None
+    if not all(present):
+        have, missing = (names[0], names[1]) if present[0] else (names[1], names[0])
+        raise ValueError(f"layer {layer}: fused expert tensor {have} without {missing}")
+    tensors = tuple(index.get(name) for name in names)
+    for name, t in zip(names, tensors):
+        if t.dim() != 3 or t.shape[0] != num_experts:
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, expected ({num_experts}, ., .) for the config's "
+                             f"{num_experts} experts")
+    return tensors
 
 
 def _output_bytes(fmt: Format, num_experts: int, hidden: int, inter: int, layers: list[int], index, arch) -> int:
