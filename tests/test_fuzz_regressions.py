@@ -157,6 +157,23 @@ def test_convert_fused_experts_incomplete(tmp_path, tensors, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_per_expert_gate_and_up_shapes_differ(tmp_path):
+    """found by fuzz_safetensors: gate (4, 8) with up (8, 4) made torch.cat raise a RuntimeError"""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(_QWEN))
+    header, offset = {}, 0
+    for e in range(2):
+        for name, shape in (("gate_proj", [4, 8]), ("up_proj", [8, 4] if e else [4, 8]), ("down_proj", [8, 4])):
+            header[f"model.layers.0.mlp.experts.{e}.{name}.weight"] = {"dtype": "F32", "shape": shape,
+                                                                      "data_offsets": [offset, offset + 128]}
+            offset += 128
+    _shard(model / "model.safetensors", header, b"\0" * offset)
+    with pytest.raises(ValueError, match=r"experts\.1\.up_proj\.weight: shape \(8, 4\), the config's \(I, H\) is \(4, 8\)"):
+        convert(model, tmp_path / "out", "int8", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_config_not_utf8(tmp_path):
     (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -229,6 +229,10 @@ def convert(model_dir: str | os.PathLike, out_dir: str | os.PathLike, format: st
                     gu, dn = fused_gu[e].to(torch.float32), fused_dn[e].to(torch.float32)
                 else:
                     g, u, dn = (index.get_float(arch.expert_key(layer, e, w), block) for w in range(3))
+                    for w, t in ((0, g), (1, u)):  # found by fuzz_safetensors: torch.cat's RuntimeError
+                        if t.shape != (inter, hidden):
+                            raise ValueError(f"{arch.expert_key(layer, e, w)}: shape {tuple(t.shape)}, the config's "
+                                             f"(I, H) is ({inter}, {hidden})")
                     gu = torch.cat([g, u], dim=0)
                 if gu.shape != (2 * inter, hidden) or dn.shape != (hidden, inter):
                     raise ValueError(f"layer {layer} expert {e}: shapes {tuple(gu.shape)}/{tuple(dn.shape)} do not match "
