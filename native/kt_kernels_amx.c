@@ -55,41 +55,10 @@ static const kt_kernels *fallback(void) { return &kt_kernels_avx512 ? &kt_kernel
 
 static int64_t round32(int64_t v) { return (v + 31) & ~(int64_t)31; }
 
-/* ---- weights as fp32 vectors ---------------------------------------------------------------- */
-
-/* W[n][k .. k+16) in fp32, k a multiple of 16 inside K_pad. */
-static inline __m512 load16(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
-    const uint8_t *row = mat + (size_t)n * L->row_bytes;
-    switch (L->format) {
-    case KT_FORMAT_BF16:
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 2 * k))), 16));
-    case KT_FORMAT_INT8: {
-        const float d = ((const float *)(mat + L->scales_offset))[n];
-        const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-        return _mm512_mul_ps(q, _mm512_set1_ps(d));
-    }
-    default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
-        const int64_t b = k / KT_INT4_BLOCK;
-        const uint16_t dh = ((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b];
-        __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + b * (KT_INT4_BLOCK / 2))));
-        if (k % KT_INT4_BLOCK) q = _mm512_srli_epi32(q, 4);
-        q = _mm512_sub_epi32(_mm512_and_si512(q, _mm512_set1_epi32(0xf)), _mm512_set1_epi32(8));
-        return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(_cvtsh_ss(dh)));
-    }
-    }
-}
-
-/* v = hi + lo + O(2^-17 |v|), hi and lo bf16 (16 lanes each). */
-static inline void split_bf16(__m512 v, __m256i *hi, __m256i *lo) {
-    const __m256bh h = _mm512_cvtneps_pbh(v);
-    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-    *hi = (__m256i)h;
-    *lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
-}
-
-/* int4 by table: a 32-block's 16 possible weights (q - 8) * d, the products load16 forms, split
- * into hi and lo halves once per block; vpermw then looks up 32 nibbles at a time. Bitwise the
- * same halves as split_bf16(load16(...)). */
+/* int4 by table: a 32-block's 16 possible weights (q - 8) * d (fp32 products), split into bf16
+ * hi and lo halves once per block (lo = the rounding remainder, |w - hi - lo| <= 2^-17 |w|); vpermw
+ * then looks up 32 nibbles at a time. The pack's int4 layout: byte j of a block's 16 holds element
+ * j (low nibble) and j + 16 (high nibble). */
 static inline __m512 int4_values(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t b) {
     if (n >= L->N) return _mm512_setzero_ps();
     const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -382,15 +351,15 @@ static void nt_amx(const kt_gemm *g) {
 
 /* B operand for `tiles` x 16 columns from c0 over rows n0 .. n0 + rows (rows even): tile t holds,
  * for pair q of rows (n0 + 2q, n0 + 2q + 1), one 64-byte line of 16 (W[n][c], W[n+1][c]) pairs at
- * hi + t * rows * 16 + q * 32; rows past N are zero; split: the lo halves likewise at lo. Row by
+ * hi + t * rows * 16 + q * 32; rows past N are zero; int4: the lo halves likewise at lo. Row by
  * row, so each row's stripe is read once, in order, with the rows a few pairs ahead prefetched
  * (the stripes of consecutive rows lie a row apart, far beyond what the hardware prefetchers
  * follow). bf16 weights are interleaved as they are, with no trip through fp32. */
 #define TN_PREFETCH_PAIRS 4
 static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t n0,
-                              int64_t rows, int split, uint16_t *hi, uint16_t *lo) {
-    /* !split with int8 weights: the quants alone (exact in bf16; the row scales ride on the
-     * activations, see pack_bf16_scaled_amx) */
+                              int64_t rows, uint16_t *hi, uint16_t *lo) {
+    /* bf16 as they are; int8 the quants alone (exact in bf16; the row scales ride on the
+     * activations, see pack_bf16_scaled_amx); int4 (split) hi and lo halves by table */
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_loadu_si512(order);
@@ -412,7 +381,7 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
             }
             continue;
         }
-        if (!split) { /* int8 quants */
+        if (L->format == KT_FORMAT_INT8) { /* quants */
             const uint8_t *r0 = w + (size_t)n * L->row_bytes + first, *r1 = r0 + L->row_bytes;
             for (int64_t t = 0; t < tiles; t++) {
                 const __m512 v0 = n < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r0 + 16 * t))))
@@ -423,7 +392,7 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
             }
             continue;
         }
-        if (L->format == KT_FORMAT_INT4) { /* tables of both rows' block: n at 0-15, n + 1 at 16-31 */
+        { /* int4 (split): tables of both rows' block, n at 0-15, n + 1 at 16-31 */
             int64_t tb = -1;
             __m512i th = _mm512_setzero_si512(), tl = th, both = th;
             for (int64_t t = 0; t < tiles; t++) {
@@ -442,19 +411,6 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
                 _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(idx, th));
                 _mm512_storeu_si512(lo + t * tile + q * 32, _mm512_permutexvar_epi16(idx, tl));
             }
-            continue;
-        }
-        for (int64_t t = 0; t < tiles; t++) {
-            const int64_t c = c0 + 16 * t;
-            const __m512 v0 = n < L->N ? load16(L, w, n, c) : _mm512_setzero_ps();
-            const __m512 v1 = n + 1 < L->N ? load16(L, w, n + 1, c) : _mm512_setzero_ps();
-            __m256i h0, l0, h1, l1;
-            split_bf16(v0, &h0, &l0);
-            split_bf16(v1, &h1, &l1);
-            _mm512_storeu_si512(hi + t * tile + q * 32,
-                                _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1)));
-            _mm512_storeu_si512(lo + t * tile + q * 32,
-                                _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(l0), l1, 1)));
         }
     }
 }
@@ -470,7 +426,8 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
  * block passes over it. */
 static void tn_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
-    if (!g->a_bf16 || g->lo % 16) {
+    /* (int8 weights need the scaled operand: a table without pack_bf16_scaled takes the fallback) */
+    if (!g->a_bf16 || g->lo % 16 || (L->format == KT_FORMAT_INT8 && !g->a_bf16_lo)) {
         fallback()->tn(g);
         return;
     }
@@ -479,7 +436,7 @@ static void tn_amx(const kt_gemm *g) {
     /* A as hi + lo (a_bf16_lo): int8 -- B the exact quants; int4 (fp32 activations) -- B hi + lo
      * too, three products */
     const int scaled = g->a_bf16_lo != NULL && L->format != KT_FORMAT_BF16;
-    const int split = L->format == KT_FORMAT_INT4 || (L->format == KT_FORMAT_INT8 && !scaled);
+    const int split = L->format == KT_FORMAT_INT4;
     const int seg = Mb <= TNS_MB;
     const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
     const int64_t c_ld = seg ? (TNS_COLS / 16) * 256 : 512; /* floats between token blocks' C tiles */
@@ -491,7 +448,7 @@ static void tn_amx(const kt_gemm *g) {
         for (int64_t n0 = 0; n0 < N32; n0 += seg_rows) {
             const int64_t rows = N32 - n0 < seg_rows ? N32 - n0 : seg_rows, steps = rows / 32, tile = rows * 16;
             const int last = n0 + rows >= N32;
-            weight_pairs_bf16(L, g->w, c0, tiles, n0, rows, split, hi, lo);
+            weight_pairs_bf16(L, g->w, c0, tiles, n0, rows, hi, lo);
             for (int64_t mb = 0; mb < Mb; mb += 2) {
                 const int64_t na = Mb - mb > 1 ? 2 : 1;
                 const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32 + n0 * 16), *a1 = a0 + ablock;
