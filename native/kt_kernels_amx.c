@@ -66,8 +66,9 @@ static inline __m512 int4_values(const kt_matrix_layout *L, const uint8_t *mat, 
     return _mm512_mul_ps(iota8, _mm512_set1_ps(_cvtsh_ss(dh)));
 }
 
-/* hi and lo tables of two value vectors: entries 0-15 from v0, 16-31 from v1 */
-static inline void int4_tables2(__m512 v0, __m512 v1, __m512i *th, __m512i *tl) {
+/* v0, v1 (16 lanes each) as 32 bf16 hi + lo (lanes 0-15 from v0, 16-31 from v1): the int4 tables,
+ * and pack_bf16_scaled's operands */
+static inline void split2_bf16(__m512 v0, __m512 v1, __m512i *th, __m512i *tl) {
     const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
     const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
     const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
@@ -124,11 +125,10 @@ static void pack_bf16_scaled_amx(const float *const *rows, int64_t M, int64_t C,
                 v0 = _mm512_mul_ps(v0, load_row16(scale, c, C));
                 v1 = _mm512_mul_ps(v1, load_row16(scale, c + 16, C));
             }
-            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
-            const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-            const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            __m512i h, l;
+            split2_bf16(v0, v1, &h, &l);
             _mm512_storeu_si512(hi + at + c * 16, h);
-            _mm512_storeu_si512(lo + at + c * 16, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0)));
+            _mm512_storeu_si512(lo + at + c * 16, l);
         }
     }
 }
@@ -293,7 +293,7 @@ static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_
         }
         for (int64_t k = 0; k < Kp; k += 32) { /* int4: one block of 32 per step */
             __m512i th, tl;
-            int4_tables2(int4_values(L, w, n, k / 32), _mm512_setzero_ps(), &th, &tl);
+            split2_bf16(int4_values(L, w, n, k / 32), _mm512_setzero_ps(), &th, &tl);
             const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k / 2)));
             const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
                                                    _mm256_srli_epi16(bytes, 4), 1);
@@ -399,7 +399,7 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
                 const int64_t c = c0 + 16 * t, b = c / KT_INT4_BLOCK;
                 if (b != tb) {
                     tb = b;
-                    int4_tables2(int4_values(L, w, n, b), int4_values(L, w, n + 1, b), &th, &tl);
+                    split2_bf16(int4_values(L, w, n, b), int4_values(L, w, n + 1, b), &th, &tl);
                     const uint8_t *r0 = w + (size_t)n * L->row_bytes + b * (KT_INT4_BLOCK / 2);
                     const __m512i q0 = n < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r0)) : _mm512_setzero_si512();
                     const __m512i q1 = n + 1 < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + L->row_bytes)))
