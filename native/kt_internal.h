@@ -115,6 +115,9 @@ typedef struct {
  *                  (AMX's B-operand layout). */
 #define KT_PACK_TILES 0
 #define KT_PACK_VNNI 1
+/* pack_q8 only: int8 rows as bf16 values (exact) in the KT_PACK_VNNI bf16 layout: the int8 mode's
+ * forward operand for int4 weights, whose 32-blocks are one bf16 tile step each. */
+#define KT_PACK_VNNI_BF16 2
 /* int8 operands (pack_q8) are the same with 64-byte steps of 64 columns: C64 = C rounded up to
  * 64, block b at b * 16 * C64, step s = c / 64 at + s * 1024; TILES: i * 64 + c % 64; VNNI (quads
  * of columns): (c % 64 / 4) * 64 + i * 4 + c % 4 (AMX's tdpbssd B-operand layout). */
@@ -148,7 +151,8 @@ typedef struct {
     void (*pack_bf16_scaled)(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
                              uint16_t *lo);
     /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a
-     * multiple of 64 already), handed over as kt_gemm.a_q8. */
+     * multiple of 64 already), handed over as kt_gemm.a_q8. With int4 weights, the forward's rows in
+     * layout KT_PACK_VNNI_BF16 (dst: uint16 at the bf16 operand's place), handed over as a_bf16. */
     void (*pack_q8)(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst);
     /* Optional elementwise SwiGLU (NULL: the scalar loops in kt_moe.c), round_bf16 = the bf16 mode:
      *   swiglu:     h[i] = r(silu(g[i]) * u[i])
@@ -169,6 +173,11 @@ static inline int64_t kt_scratch_floats(const kt_kernels *k, int64_t N, int64_t 
 /* The scalar int8-activation products, shared by paths without their own. */
 void kt_nt_q8_scalar(const kt_gemm *g);
 void kt_tn_q8_scalar(const kt_gemm *g);
+/* The avx2 table's int8-mode products (vpmaddwd), also used by AVX-512 CPUs without VNNI, and the
+ * per-thread scratch floats they need. */
+void kt_nt_q8_avx2(const kt_gemm *g);
+void kt_tn_q8_avx2(const kt_gemm *g);
+int64_t kt_q8_avx2_scratch_floats(int64_t N, int64_t K_pad);
 void kt_dots_scalar(const float *M, int64_t r, int64_t n, const float *v, float *t);
 void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n);
 

@@ -18,8 +18,10 @@
  * tile work and no rounding beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
  * output, so results do not depend on the thread count.
  * The int8 compute mode: int8 weights multiply on AMX-INT8 tiles (tdpbssd, below); int4 weights
- * run the forward on the avx512 table's vpdpbusd kernels and the backward -- whose activations
- * that mode keeps in fp32 -- here, with the activations as hi + lo too: three products (hi x hi,
+ * run the forward on AMX-BF16 tiles, one 32-column step per 32-block with the int8 activations and
+ * the quants exact in bf16 and each block's sums folded with its scale (nt_q8_int4_amx), and the
+ * backward -- whose activations that mode keeps in fp32 -- with the activations as hi + lo too:
+ * three products (hi x hi,
  * hi x lo, lo x hi; lo x lo, below 2^-18 of a term, is left out), so ~2^-17 of fp32 per term.
  * The f32 compute mode uses the avx512 table's kernels (avx2's when that table is absent).
  */
@@ -487,12 +489,13 @@ static void write_q8(const kt_gemm *g, const int32_t *c, int nt, int64_t m0, int
                      const float *d) {
     const __mmask16 k = (__mmask16)((1u << nv) - 1);
     zf t[16];
-    if (nt) tile_transposed((const float *)c, 1, t);
-    const zf dv = nt ? _mm512_maskz_loadu_ps(k, d) : _mm512_set1_ps(1.0f);
+    /* nt with d NULL: c holds fp32 sums already scaled (int4's per-block fold), taken as they are */
+    if (nt) tile_transposed((const float *)c, d != NULL, t);
+    const zf dv = nt && d ? _mm512_maskz_loadu_ps(k, d) : _mm512_set1_ps(1.0f);
     for (int64_t m = 0; m < mv; m++) {
         float *o = g->out_rows[m0 + m] + col;
         /* per lane the scalar order: ((float)s * d) * a_scale, then * alpha, then + out */
-        zf v = nt ? _mm512_mul_ps(t[m], dv) : _mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * 16));
+        zf v = nt ? (d ? _mm512_mul_ps(t[m], dv) : t[m]) : _mm512_cvtepi32_ps(_mm512_loadu_si512(c + m * 16));
         v = _mm512_mul_ps(v, _mm512_set1_ps(g->a_scale[m0 + m]));
         if (g->alpha) v = _mm512_mul_ps(v, _mm512_set1_ps(g->alpha[m0 + m]));
         if (g->accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), v);
@@ -500,7 +503,27 @@ static void write_q8(const kt_gemm *g, const int32_t *c, int nt, int64_t m0, int
     }
 }
 
+/* int8 rows as exact bf16 values in the KT_PACK_VNNI layout (the int4 forward's B operand). */
+static void pack_q8_as_bf16_vnni(const int8_t *const *rows, int64_t M, int64_t C, uint16_t *dst) {
+    const int64_t C32 = round32(C), M16 = (M + 15) & ~(int64_t)15;
+    if (M < M16) memset(dst + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
+    const __m512i lines = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16));
+    for (int64_t m = 0; m < M; m++) {
+        uint32_t *blk = (uint32_t *)(dst + (m / 16) * 16 * C32) + (m % 16);
+        for (int64_t c = 0; c < C32; c += 32) { /* rows are zero-padded to 64: 32 bytes are there */
+            const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(rows[m] + c))));
+            const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(rows[m] + c + 16))));
+            _mm512_i32scatter_epi32(blk + c * 8, lines, (__m512i)_mm512_cvtne2ps_pbh(q1, q0), 4);
+        }
+    }
+}
+
 static void pack_q8_amx(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst) {
+    if (layout == KT_PACK_VNNI_BF16) {
+        pack_q8_as_bf16_vnni(rows, M, C, (uint16_t *)dst);
+        return;
+    }
     const int64_t C64 = (C + 63) & ~(int64_t)63, M16 = (M + 15) & ~(int64_t)15;
     if (M < M16) memset(dst + (M16 - 16) * C64, 0, (size_t)(16 * C64));
     if (layout == KT_PACK_TILES) {
@@ -518,8 +541,81 @@ static void pack_q8_amx(const int8_t *const *rows, int64_t M, int64_t C, int lay
     }
 }
 
+/* Rows n0 .. n0+rows of int4 W as their exact quants q - 8 in bf16 (no scale; rows past N zero). */
+static void int4_quants_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t n0, int64_t rows, int64_t Kp,
+                             uint16_t *dst) {
+    const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_setzero_ps(), iota8); /* lanes 0-15 */
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t *h = dst + i * Kp;
+        if (n0 + i >= L->N) {
+            memset(h, 0, sizeof(uint16_t) * (size_t)Kp);
+            continue;
+        }
+        const uint8_t *row = w + (size_t)(n0 + i) * L->row_bytes;
+        for (int64_t k = 0; k < Kp; k += 32) {
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+            const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
+                                                   _mm256_srli_epi16(bytes, 4), 1);
+            _mm512_storeu_si512(h + k, _mm512_permutexvar_epi16(idx, table));
+        }
+    }
+}
+
+/* int8 mode, int4 weights, forward: out[m][n] (+)= alpha[m] * a_scale[m] * sum_b d[n][b] * s_b,
+ * s_b = sum over 32-block b of q[m][k] (Wq[n][k] - 8). Both factors are small integers, exact in
+ * bf16, and |s_b| <= 32 * 127 * 8 < 2^24, so one bf16 tile step per block (32 columns) gives s_b
+ * exactly in fp32; each block's C tiles are folded into fp32 sums as the scalar path does
+ * (F += s_b * d, no FMA, blocks in order), so the results are bitwise kt_nt_q8_scalar's. The
+ * activations come as int8 rows converted to bf16 by the job (pack_q8, KT_PACK_VNNI_BF16). */
+static void nt_q8_int4_amx(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    kt_amx_tiles_on();
+    const int64_t Kp = round32(L->K), nbk = Kp / 32, Mb = (g->M + 15) / 16, blocks = L->K_pad / KT_INT4_BLOCK;
+    uint16_t *A = (uint16_t *)g->scratch; /* 32 x Kp */
+    float *c = (float *)(((uintptr_t)(A + 32 * Kp) + 63) & ~(uintptr_t)63), *F = c + 4 * 256, *D = F + 4 * 256;
+    const uint16_t *sc = (const uint16_t *)(g->w + L->scales_offset);
+    const int64_t vnni_block = 16 * Kp; /* uint16 per 16 tokens */
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += 32) {
+        const int64_t nv = g->hi - n0 < 32 ? g->hi - n0 : 32, na = nv > 16 ? 2 : 1;
+        int4_quants_bf16(L, g->w, n0, 16 * na, Kp, A);
+        for (int64_t b = 0; b < nbk; b++) /* D[b][i]: the scale of row n0 + i in block b */
+            for (int64_t i = 0; i < 32; i++)
+                D[b * 32 + i] = n0 + i < L->N && i < 16 * na ? _cvtsh_ss(sc[(n0 + i) * blocks + b]) : 0.0f;
+        const uint8_t *a0 = (const uint8_t *)A, *a1 = a0 + 16 * Kp * 2;
+        for (int64_t mb = 0; mb < Mb; mb += 2) {
+            const int64_t nb = Mb - mb > 1 ? 2 : 1;
+            const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
+            memset(F, 0, sizeof(float) * 4 * 256);
+            for (int64_t b = 0; b < nbk; b++) {
+                KT_BLOCK_DISPATCH(na, nb, 0, 0, 1, a0 + b * 64, a1 + b * 64, NULL, NULL, Kp * 2, 64, b0 + b * 1024,
+                                  b1 + b * 1024, NULL, NULL, 1024, 64, NULL, c, 512);
+                for (int64_t ia = 0; ia < na; ia++)
+                    for (int64_t ib = 0; ib < nb; ib++) {
+                        const float *ct = c + (ia * 2 + ib) * 256, *d = D + b * 32 + ia * 16;
+                        float *ft = F + (ia * 2 + ib) * 256;
+                        for (int i = 0; i < 16; i++) /* tile row i = weight row n0 + ia * 16 + i */
+                            _mm512_store_ps(ft + i * 16, _mm512_add_ps(_mm512_load_ps(ft + i * 16),
+                                                                       _mm512_mul_ps(_mm512_load_ps(ct + i * 16),
+                                                                                     _mm512_set1_ps(d[i]))));
+                    }
+            }
+            for (int64_t ia = 0; ia < na; ia++)
+                for (int64_t ib = 0; ib < nb; ib++) {
+                    const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
+                    const int64_t r0 = n0 + ia * 16, rv = g->hi - r0 < 16 ? g->hi - r0 : 16;
+                    if (rv > 0) write_q8(g, (const int32_t *)(F + (ia * 2 + ib) * 256), 1, m0, mv, r0 - g->lo, rv, NULL);
+                }
+        }
+    }
+}
+
 static void nt_q8_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
+    if (L->format == KT_FORMAT_INT4 && g->a_bf16) {
+        nt_q8_int4_amx(g);
+        return;
+    }
     if (!g->a_q8 || L->format != KT_FORMAT_INT8) {
         fallback()->nt_q8(g);
         return;

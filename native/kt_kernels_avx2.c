@@ -335,7 +335,330 @@ static void axpy_avx2(float alpha, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
-const kt_kernels kt_kernels_avx2 = {"avx2", nt_avx2, tn_avx2, kt_nt_q8_scalar, kt_tn_q8_scalar, dots_avx2, axpy_avx2};
+/* ---- int8 activations: vpmaddwd on int16 pairs ------------------------------------------------ */
+
+/* The int8 compute mode's products (kt_gemm.a_scale != NULL). vpmaddwd multiplies int16 lanes and
+ * adds adjacent pairs into int32: 16 multiply-adds per ymm instruction, twice an fp32 FMA's 8. The
+ * weights' panel holds int16 pairs -- two consecutive elements of the contraction per 32-bit lane --
+ * for 16 outputs, built once per panel and reused by every token:
+ *   nt (forward):  P[p][j] = W[n0+j][2p .. 2p+2)       (int8 quants; int4 as q - 8 in [-8, 7])
+ *   tn (backward): P[p][j] = W[2p .. 2p+2)[c0+j]       (int8 quants, 2 rows interleaved)
+ * and a token's pair (its int8 row widened to int16 once per block of Q_MC tokens) is broadcast to
+ * the 8 lanes (a plain vpbroadcastd load). Both operands are signed, so no bias is needed (unlike
+ * vpmaddubsw's u8 x s8, whose int16 pair sums saturate at 255 * 127 * 2 without a per-product sign
+ * fix; scripts/kernel_mca.sh models both and docs/engine.md has the numbers). Exactness: a pair sum
+ * is at most 2 * 127 * 127 = 32,258 and the int32 accumulation |sum a w| <= 127 * 127 * K < 2^31 for
+ * K <= 131072 (checked in Python), so the integer sums are those of kt_nt_q8_scalar /
+ * kt_tn_q8_scalar, and the fp32 epilogue repeats their operations in their order (int8:
+ * ((s * d[n]) * a_scale) * alpha, then + out; int4: acc += s_b * d_b per 32-block, no FMA): the
+ * results are bitwise the scalar path's.
+ *
+ * Register tiles: int8 6 tokens x 16 outputs (12 int32 accumulators, 2 panel vectors, a broadcast,
+ * a product); int4 3 x 16 (6 block sums + 6 fp32 accumulators). The panel is K_pad * 32 bytes (64 KiB
+ * at K = 2048), read from L2 once per tile. Also the avx512 table's int8-mode products on AVX-512
+ * CPUs without VNNI. */
+#define Q_MR8 6   /* int8 tile height */
+#define Q_MR4 3   /* int4 tile height */
+#define Q_NR 16   /* outputs per panel (two ymm of int32 lanes) */
+#define Q_MC 48   /* tokens widened to int16 at a time (a multiple of both tile heights) */
+#define Q_MAX_K 131072
+
+/* Panel words, int4 scales and widened tokens for a contraction of length C (N x K_pad matrix). */
+int64_t kt_q8_avx2_scratch_floats(int64_t N, int64_t K_pad) {
+    const int64_t c = (N > K_pad ? N : K_pad) + 64;
+    return Q_NR * c / 2 + Q_NR * c / KT_INT4_BLOCK + Q_MC * c / 2 + 64;
+}
+
+static int64_t scratch_floats_avx2(int64_t N, int64_t K_pad) {
+    const int64_t a = kt_gemm_scratch_floats(N, K_pad), b = kt_q8_avx2_scratch_floats(N, K_pad);
+    return a > b ? a : b;
+}
+
+/* Rows [m0, m0 + rows) of the int8 activations (length C, zero-padded to C2 = C rounded up to 32)
+ * as int16 rows of C2 elements at A. */
+static void widen_rows(const kt_gemm *g, int64_t m0, int64_t rows, int64_t C, int64_t C2, int16_t *A) {
+    for (int64_t i = 0; i < rows; i++) {
+        const int8_t *q = g->a_rows[m0 + i];
+        int16_t *dst = A + i * C2;
+        int64_t k = 0;
+        for (; k + 16 <= C; k += 16)
+            _mm256_store_si256((__m256i *)(dst + k), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + k))));
+        for (; k < C; k++) dst[k] = q[k];
+        for (; k < C2; k++) dst[k] = 0;
+    }
+}
+
+/* vbroadcastss, not vpbroadcastd: the same bits, and a pure load on every model (llvm-19's znver3
+ * sends vpbroadcastd to a vector pipe as well, which the tile's 24 integer uops need). */
+static inline __m256i bcast_pair(const int16_t *a, int64_t p) {
+    return _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + 2 * p)));
+}
+
+/* acc[i][0..2) += sum_{p in [p0, p1)} bcast(a[i], p) . P[p] (int32 lanes), R <= 6 rows; always
+ * inlined with a constant R, so each tile height gets its own loop. The accumulators are named
+ * variables (as in ukernel_any): an array of them made GCC keep half on the stack. 12 accumulators,
+ * 2 panel vectors, a broadcast and a product fill the 16 ymm registers. */
+#define Q_ROW(i, c0, c1)                                                                         \
+    if (R > i) {                                                                                 \
+        const __m256i b = bcast_pair(a[i], p);                                                   \
+        c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(b, w0));                                     \
+        c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(b, w1));                                     \
+    }
+static inline __attribute__((always_inline)) void q_steps(int R, int64_t p0, int64_t p1, const int16_t *const *a,
+                                                          const int32_t *P, __m256i acc[][2]) {
+    __m256i c00 = acc[0][0], c01 = acc[0][1], c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
+    if (R > 1) c10 = acc[1][0], c11 = acc[1][1];
+    if (R > 2) c20 = acc[2][0], c21 = acc[2][1];
+    if (R > 3) c30 = acc[3][0], c31 = acc[3][1];
+    if (R > 4) c40 = acc[4][0], c41 = acc[4][1];
+    if (R > 5) c50 = acc[5][0], c51 = acc[5][1];
+#pragma GCC unroll 2
+    for (int64_t p = p0; p < p1; p++) {
+        const __m256i w0 = _mm256_load_si256((const __m256i *)(P + p * Q_NR));
+        const __m256i w1 = _mm256_load_si256((const __m256i *)(P + p * Q_NR + 8));
+        Q_ROW(0, c00, c01) Q_ROW(1, c10, c11) Q_ROW(2, c20, c21) Q_ROW(3, c30, c31) Q_ROW(4, c40, c41)
+        Q_ROW(5, c50, c51)
+    }
+    acc[0][0] = c00, acc[0][1] = c01;
+    if (R > 1) acc[1][0] = c10, acc[1][1] = c11;
+    if (R > 2) acc[2][0] = c20, acc[2][1] = c21;
+    if (R > 3) acc[3][0] = c30, acc[3][1] = c31;
+    if (R > 4) acc[4][0] = c40, acc[4][1] = c41;
+    if (R > 5) acc[5][0] = c50, acc[5][1] = c51;
+}
+#undef Q_ROW
+
+/* The fp32 epilogue of one output row: v = ((v * a_scale) * alpha) (+ out), columns [0, width). */
+static inline void q_store_row(const kt_gemm *g, int64_t m, int64_t col, int64_t width, __m256 v0, __m256 v1) {
+    float *o = g->out_rows[m] + col;
+    v0 = _mm256_mul_ps(v0, _mm256_set1_ps(g->a_scale[m]));
+    v1 = _mm256_mul_ps(v1, _mm256_set1_ps(g->a_scale[m]));
+    if (g->alpha) {
+        v0 = _mm256_mul_ps(v0, _mm256_set1_ps(g->alpha[m]));
+        v1 = _mm256_mul_ps(v1, _mm256_set1_ps(g->alpha[m]));
+    }
+    if (width == Q_NR) {
+        if (g->accumulate) {
+            v0 = _mm256_add_ps(_mm256_loadu_ps(o), v0);
+            v1 = _mm256_add_ps(_mm256_loadu_ps(o + 8), v1);
+        }
+        _mm256_storeu_ps(o, v0);
+        _mm256_storeu_ps(o + 8, v1);
+    } else {
+        float tmp[Q_NR];
+        _mm256_storeu_ps(tmp, v0);
+        _mm256_storeu_ps(tmp + 8, v1);
+        for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + tmp[j] : tmp[j];
+    }
+}
+
+/* 16 weights W[n][k .. k+16) as int16, k a multiple of 16 inside K_pad (int8, or int4 as q - 8). */
+static inline __m256i load16_i16(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
+    const uint8_t *row = mat + (size_t)n * L->row_bytes;
+    if (fmt == KT_FORMAT_INT8) return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+    /* int4: byte j of a 32-block = element j (low nibble) and j + 16 (high nibble) */
+    __m128i v = _mm_loadu_si128((const __m128i *)(row + (k / KT_INT4_BLOCK) * (KT_INT4_BLOCK / 2)));
+    if (k % KT_INT4_BLOCK) v = _mm_srli_epi16(v, 4);
+    v = _mm_sub_epi8(_mm_and_si128(v, _mm_set1_epi8(0x0f)), _mm_set1_epi8(8));
+    return _mm256_cvtepi8_epi16(v);
+}
+
+/* nt panel of rows [n0, n0 + rows): P[p][j] for p < K_pad / 2 (rows past `rows` are zero). */
+static void q_panel_rows(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t rows,
+                         int32_t *P) {
+    for (int64_t k = 0; k < L->K_pad; k += 16) {
+        for (int half = 0; half < 2; half++) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t j = half * 8 + i;
+                r[i] = j < rows ? _mm256_castsi256_ps(load16_i16(fmt, L, mat, n0 + j, k)) : _mm256_setzero_ps();
+            }
+            transpose8(r); /* 32-bit words: r[i] = pair k/2 + i of the 8 rows */
+            for (int i = 0; i < 8; i++) _mm256_store_ps((float *)P + (k / 2 + i) * Q_NR + half * 8, r[i]);
+        }
+    }
+}
+
+/* out[m][n - lo] (+)= alpha[m] * a_scale[m] * d[n] * sum_k q[m][k] Wq[n][k], int8 weights. */
+static inline __attribute__((always_inline)) void q_nt_int8_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                 const int16_t *A, int64_t C2, const int32_t *P,
+                                                                 __m256 d0, __m256 d1, int64_t col, int64_t width) {
+    const int16_t *a[Q_MR8];
+    __m256i acc[Q_MR8][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = A + i * C2;
+        acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    }
+    q_steps(R, 0, g->L->K_pad / 2, a, P, acc);
+    for (int i = 0; i < R; i++)
+        q_store_row(g, m0 + i, col, width, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), d0),
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), d1));
+}
+
+/* int4 weights: per 32-block b, s_b = sum q[m][k] (Wq[n][k] - 8) in int32, acc += s_b * d[n][b]. */
+static inline __attribute__((always_inline)) void q_nt_int4_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                 const int16_t *A, int64_t C2, const int32_t *P,
+                                                                 const float *D, int64_t col, int64_t width) {
+    const int16_t *a[Q_MR4];
+    __m256 f[Q_MR4][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = A + i * C2;
+        f[i][0] = f[i][1] = _mm256_setzero_ps();
+    }
+    const int64_t nb = g->L->K_pad / KT_INT4_BLOCK, bp = KT_INT4_BLOCK / 2;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i acc[Q_MR4][2];
+        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+        q_steps(R, b * bp, (b + 1) * bp, a, P, acc);
+        const __m256 e0 = _mm256_load_ps(D + b * Q_NR), e1 = _mm256_load_ps(D + b * Q_NR + 8);
+        for (int i = 0; i < R; i++) {
+            f[i][0] = _mm256_add_ps(f[i][0], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), e0));
+            f[i][1] = _mm256_add_ps(f[i][1], _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), e1));
+        }
+    }
+    for (int i = 0; i < R; i++) q_store_row(g, m0 + i, col, width, f[i][0], f[i][1]);
+}
+
+/* out[m][c - lo] (+)= alpha[m] * a_scale[m] * sum_n q[m][n] Wq[n][c] (int8 weights, their row scales
+ * folded into q by the caller). */
+static inline __attribute__((always_inline)) void q_tn_tile(int R, const kt_gemm *g, int64_t m0, const int16_t *A,
+                                                            int64_t C2, const int32_t *P, int64_t col,
+                                                            int64_t width) {
+    const int16_t *a[Q_MR8];
+    __m256i acc[Q_MR8][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = A + i * C2;
+        acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    }
+    q_steps(R, 0, C2 / 2, a, P, acc);
+    for (int i = 0; i < R; i++)
+        q_store_row(g, m0 + i, col, width, _mm256_cvtepi32_ps(acc[i][0]), _mm256_cvtepi32_ps(acc[i][1]));
+}
+
+#define KT_Q_TILES(R)                                                                                             \
+    static void q_nt_int8_tile_##R(const kt_gemm *g, int64_t m0, const int16_t *A, int64_t C2, const int32_t *P, \
+                                   __m256 d0, __m256 d1, int64_t col, int64_t w) {                               \
+        q_nt_int8_tile(R, g, m0, A, C2, P, d0, d1, col, w);                                                       \
+    }                                                                                                             \
+    static void q_tn_tile_##R(const kt_gemm *g, int64_t m0, const int16_t *A, int64_t C2, const int32_t *P,      \
+                              int64_t col, int64_t w) {                                                           \
+        q_tn_tile(R, g, m0, A, C2, P, col, w);                                                                    \
+    }
+#define KT_Q4_TILES(R)                                                                                            \
+    static void q_nt_int4_tile_##R(const kt_gemm *g, int64_t m0, const int16_t *A, int64_t C2, const int32_t *P, \
+                                   const float *D, int64_t col, int64_t w) {                                     \
+        q_nt_int4_tile(R, g, m0, A, C2, P, D, col, w);                                                            \
+    }
+KT_Q_TILES(1) KT_Q_TILES(2) KT_Q_TILES(3) KT_Q_TILES(4) KT_Q_TILES(5) KT_Q_TILES(6)
+KT_Q4_TILES(1) KT_Q4_TILES(2) KT_Q4_TILES(3)
+#undef KT_Q_TILES
+#undef KT_Q4_TILES
+_Static_assert(Q_MR8 == 6 && Q_MR4 == 3, "the tables below list one tile per height");
+typedef void (*q_nt_int8_tile_fn)(const kt_gemm *, int64_t, const int16_t *, int64_t, const int32_t *, __m256,
+                                  __m256, int64_t, int64_t);
+typedef void (*q_nt_int4_tile_fn)(const kt_gemm *, int64_t, const int16_t *, int64_t, const int32_t *,
+                                  const float *, int64_t, int64_t);
+typedef void (*q_tn_tile_fn)(const kt_gemm *, int64_t, const int16_t *, int64_t, const int32_t *, int64_t,
+                             int64_t);
+static const q_nt_int8_tile_fn q_nt_int8_tiles[Q_MR8 + 1] = {NULL, q_nt_int8_tile_1, q_nt_int8_tile_2,
+                                                             q_nt_int8_tile_3, q_nt_int8_tile_4,
+                                                             q_nt_int8_tile_5, q_nt_int8_tile_6};
+static const q_nt_int4_tile_fn q_nt_int4_tiles[Q_MR4 + 1] = {NULL, q_nt_int4_tile_1, q_nt_int4_tile_2,
+                                                             q_nt_int4_tile_3};
+static const q_tn_tile_fn q_tn_tiles[Q_MR8 + 1] = {NULL, q_tn_tile_1, q_tn_tile_2, q_tn_tile_3,
+                                                   q_tn_tile_4, q_tn_tile_5, q_tn_tile_6};
+
+/* Tile t of M rows split into ceil(M / mr) tiles of near-equal height. */
+static inline void q_tile_of(int64_t M, int64_t mr, int64_t t, int64_t *m0, int64_t *rows) {
+    const int64_t n = (M + mr - 1) / mr, base = M / n, extra = M % n;
+    *m0 = t * base + (t < extra ? t : extra);
+    *rows = base + (t < extra);
+}
+
+/* Scratch (kt_q8_avx2_scratch_floats): [panel][int4 scales][widened tokens], 32-byte aligned. */
+void kt_nt_q8_avx2(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K_pad = L->K_pad, C2 = (K_pad + 31) & ~(int64_t)31, nb = K_pad / KT_INT4_BLOCK;
+    const int int8 = L->format == KT_FORMAT_INT8;
+    assert(K_pad <= Q_MAX_K && K_pad % KT_INT4_BLOCK == 0);
+    int32_t *P = (int32_t *)g->scratch;
+    float *D = (float *)(P + C2 / 2 * Q_NR);
+    int16_t *A = (int16_t *)(D + (nb + 1) * Q_NR);
+    const int64_t mr = int8 ? Q_MR8 : Q_MR4;
+    for (int64_t mc = 0; mc < g->M; mc += Q_MC) {
+        const int64_t mlen = g->M - mc < Q_MC ? g->M - mc : Q_MC, tiles = (mlen + mr - 1) / mr;
+        widen_rows(g, mc, mlen, K_pad, C2, A);
+        for (int64_t n0 = g->lo; n0 < g->hi; n0 += Q_NR) {
+            const int64_t width = g->hi - n0 < Q_NR ? g->hi - n0 : Q_NR;
+            float d[Q_NR] = {0};
+            if (int8) {
+                for (int64_t j = 0; j < width; j++) d[j] = ((const float *)(g->w + L->scales_offset))[n0 + j];
+            } else {
+                const uint16_t *s = (const uint16_t *)(g->w + L->scales_offset);
+                for (int64_t b = 0; b < nb; b++)
+                    for (int64_t j = 0; j < Q_NR; j++)
+                        D[b * Q_NR + j] = j < width ? _cvtsh_ss(s[(n0 + j) * nb + b]) : 0.0f;
+            }
+            q_panel_rows(L->format, L, g->w, n0, width, P);
+            const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t m0, rows;
+                q_tile_of(mlen, mr, t, &m0, &rows);
+                if (int8) q_nt_int8_tiles[rows](g, mc + m0, A + m0 * C2, C2, P, d0, d1, n0 - g->lo, width);
+                else q_nt_int4_tiles[rows](g, mc + m0, A + m0 * C2, C2, P, D, n0 - g->lo, width);
+            }
+        }
+    }
+}
+
+/* tn panel of columns [c0, c0 + 16) (c0 a multiple of 16, inside K_pad): P[p][j] = the int16 pair
+ * (W[2p][c0 + j], W[2p + 1][c0 + j]) for p < C2 / 2 (rows past N zero). */
+static void q_panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t C2, int32_t *P) {
+    const int64_t N = L->N;
+    for (int64_t p = 0; p < C2 / 2; p++) {
+        const int64_t n = 2 * p;
+        /* rows 16 ahead: a strided walk the hardware prefetcher follows too late (perf: most of the
+         * panel's time sat on these loads) */
+        if (n + 17 < N) {
+            _mm_prefetch((const char *)(mat + (size_t)(n + 16) * L->row_bytes + c0), _MM_HINT_T0);
+            _mm_prefetch((const char *)(mat + (size_t)(n + 17) * L->row_bytes + c0), _MM_HINT_T0);
+        }
+        const __m128i r0 = n < N ? _mm_loadu_si128((const __m128i *)(mat + (size_t)n * L->row_bytes + c0))
+                                 : _mm_setzero_si128();
+        const __m128i r1 = n + 1 < N ? _mm_loadu_si128((const __m128i *)(mat + (size_t)(n + 1) * L->row_bytes + c0))
+                                     : _mm_setzero_si128();
+        _mm256_store_si256((__m256i *)(P + p * Q_NR), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
+        _mm256_store_si256((__m256i *)(P + p * Q_NR + 8), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
+    }
+}
+
+void kt_tn_q8_avx2(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t N = L->N, C2 = (N + 31) & ~(int64_t)31;
+    assert(L->format == KT_FORMAT_INT8 && N <= Q_MAX_K && g->lo % 16 == 0);
+    int32_t *P = (int32_t *)g->scratch;
+    int16_t *A = (int16_t *)(P + C2 / 2 * Q_NR);
+    /* Panel outside, token blocks inside: the panel's strided rows are read once per call, the
+     * tokens (sequential, cheap to widen) again per panel when there are more than Q_MC. */
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += Q_NR) {
+        const int64_t width = g->hi - c0 < Q_NR ? g->hi - c0 : Q_NR;
+        q_panel_columns(L, g->w, c0, C2, P);
+        for (int64_t mc = 0; mc < g->M; mc += Q_MC) {
+            const int64_t mlen = g->M - mc < Q_MC ? g->M - mc : Q_MC, tiles = (mlen + Q_MR8 - 1) / Q_MR8;
+            if (c0 == g->lo || g->M > Q_MC) widen_rows(g, mc, mlen, N, C2, A);
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t m0, rows;
+                q_tile_of(mlen, Q_MR8, t, &m0, &rows);
+                q_tn_tiles[rows](g, mc + m0, A + m0 * C2, C2, P, c0 - g->lo, width);
+            }
+        }
+    }
+}
+
+const kt_kernels kt_kernels_avx2 = {.name = "avx2", .nt = nt_avx2, .tn = tn_avx2, .nt_q8 = kt_nt_q8_avx2,
+                                    .tn_q8 = kt_tn_q8_avx2, .dots = dots_avx2, .axpy = axpy_avx2,
+                                    .scratch_floats = scratch_floats_avx2};
 
 #pragma GCC pop_options
 #endif

@@ -443,8 +443,9 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
 /* Scratch: [panel: NR * max(Kr, N)][C buffer: (MC + MR) * NR] floats (the dot form keeps its
  * padded token rows, at most NT_DOT_MAX_M of them, in the panel's place). */
 static int64_t scratch_floats_avx512(int64_t N, int64_t K_pad) {
-    const int64_t m = (N > K_pad ? N : K_pad) + 32;
-    return NR * m + (MC + MR) * NR + 16;
+    const int64_t m = (N > K_pad ? N : K_pad) + 32, own = NR * m + (MC + MR) * NR + 16;
+    const int64_t q8 = kt_q8_avx2_scratch_floats(N, K_pad); /* the products without VNNI */
+    return own > q8 ? own : q8;
 }
 
 static void nt_dot_bf16(const kt_gemm *g, float *A) { nt_dot_fmt(KT_FORMAT_BF16, g, A); }
@@ -840,15 +841,15 @@ static KT_VNNI_TARGET void tn_q8_vnni(const kt_gemm *g) {
     }
 }
 
-/* The table's entries: vpdpbusd where this CPU has it, else the scalar integer products. */
+/* The table's entries: vpdpbusd where this CPU has it, else the avx2 table's vpmaddwd products. */
 static void nt_q8_avx512(const kt_gemm *g) {
     if (KT_HAVE_VNNI()) nt_q8_vnni(g);
-    else kt_nt_q8_scalar(g);
+    else kt_nt_q8_avx2(g);
 }
 
 static void tn_q8_avx512(const kt_gemm *g) {
     if (KT_HAVE_VNNI()) tn_q8_vnni(g);
-    else kt_tn_q8_scalar(g);
+    else kt_tn_q8_avx2(g);
 }
 
 /* ---- LoRA helpers --------------------------------------------------------------------------- */

@@ -32,7 +32,8 @@
  * in the int8 mode with int8 weights, a phase after F0, F1(q), B0(q) and B2 (F0p, F1p, B0p, B2p; tasks:
  * experts) copies each expert group's activation rows (x, h, dy, dgu as bf16; or their int8 quantized
  * rows) once into the tile layout the table's products read (KT_PACK_*), so the products touch only
- * weights and that copy.
+ * weights and that copy. The int8 mode's forward with int4 weights prepares its int8 rows as bf16
+ * (KT_PACK_VNNI_BF16: exact, one bf16 tile step per 32-block).
  *
  * F2 and B3 own a block of output columns and walk the experts in order inside the task, so no two
  * threads write the same element and the summation order does not depend on the thread count:
@@ -100,6 +101,7 @@ typedef struct {
     float *xa;                    /* (T, H) backward with LoRA: x in the compute precision */
     int prep;                     /* prepared bf16 operands (see the top of the file) */
     int prep8;                    /* prepared int8 operands (int8 mode, int8 weights) */
+    int prep8_bf16;               /* forward, int8 mode, int4 weights: the int8 rows prepared as bf16 */
     int prep_scaled;              /* backward, int8 weights: tn's operands carry the row scales (hi, lo) */
     int64_t op_rows;              /* rows of one prepared operand; a lo half follows at op_rows * C32 */
     uint16_t *opb;                /* the current phase's operand, expert groups back to back */
@@ -180,6 +182,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
     j->prep = a->act_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
+    j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
     j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
     /* int8 mode, int4 weights: the backward's activations stay fp32; tables with pack_bf16_scaled
      * take them as hi + lo bf16 operands (scale 1) */
@@ -187,7 +190,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         j->prep = j->prep_scaled = 1;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
-    const int64_t op_rows = j->prep || j->prep8 ? ((P + 15) / 16 + E) * 16 : 0;
+    const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 ? ((P + 15) / 16 + E) * 16 : 0;
     size_t off = 0, sizes[21];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
@@ -310,7 +313,9 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
         orows[m] = out + (out_by_token ? t : p) * out_ld + out_off;
         alpha[m] = a->topk_w[p];
     }
-    const uint16_t *prepared = j->prep && !src.act_q8 ? j->opb + j->blk16[e] * 16 * ((src.C + 31) & ~(int64_t)31) : NULL;
+    const uint16_t *prepared = (j->prep && !src.act_q8) || (j->prep8_bf16 && src.act_q8)
+                                   ? j->opb + j->blk16[e] * 16 * ((src.C + 31) & ~(int64_t)31)
+                                   : NULL;
     const int8_t *prepared8 = j->prep8 && src.act_q8 ? (const int8_t *)j->opb + j->blk16[e] * 16 * ((src.C + 63) & ~(int64_t)63) : NULL;
     kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
                  with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats, prepared,
@@ -386,11 +391,13 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     const void **rows = j->arows + (size_t)tid * (size_t)j->P;
     for (int64_t m = 0; m < M; m++) {
         const int64_t p = j->pairs[j->offs[e] + m], id = by_token ? p / j->a->k : p;
-        rows[m] = j->prep8 ? (const void *)(q + id * qld) : (const void *)(src + id * C);
+        rows[m] = j->prep8 || j->prep8_bf16 ? (const void *)(q + id * qld) : (const void *)(src + id * C);
     }
     const int64_t C32 = (C + 31) & ~(int64_t)31;
     uint16_t *dst = j->opb + j->blk16[e] * 16 * C32;
-    if (j->prep8)
+    if (j->prep8_bf16)
+        j->kern->pack_q8((const int8_t *const *)rows, M, C, KT_PACK_VNNI_BF16, (int8_t *)dst);
+    else if (j->prep8)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, layout,
                          (int8_t *)j->opb + j->blk16[e] * 16 * ((C + 63) & ~(int64_t)63));
     else if (L_next && j->prep_scaled) /* tn's operand with the row scales of the matrix it reads (int8) */
@@ -531,11 +538,11 @@ int kt_moe_forward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
         if (j.r > 0) run_phase("F0L", pair_tasks, f0l_task, &j);
-        if (j.prep || j.prep8) run_phase("F0p", j.n_active, f0p_task, &j);
+        if (j.prep || j.prep8 || j.prep8_bf16) run_phase("F0p", j.n_active, f0p_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
         if (j.r > 0) run_phase("F1L", pair_tasks, f1l_task, &j);
         if (j.q_fwd) run_phase("F1q", pair_tasks, f1q_task, &j);
-        if (j.prep || j.prep8) run_phase("F1p", j.n_active, f1p_task, &j);
+        if (j.prep || j.prep8 || j.prep8_bf16) run_phase("F1p", j.n_active, f1p_task, &j);
         run_phase("F2", (a->H + j.cols_pt - 1) / j.cols_pt, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);

@@ -21,6 +21,35 @@ CFLAGS="-O3 -std=c11 -fno-math-errno -Wno-psabi"
 
 gcc $CFLAGS -Inative -S native/kt_kernels_avx512.c -o "$WORK/avx512.s"
 gcc $CFLAGS -Inative -S native/kt_kernels_avx2.c -o "$WORK/avx2.s"
+# The AVX2 int8 candidate that lost (issue #13 item 2): a 6x16 tile of vpmaddubsw (u8 x s8 into
+# int16 pairs) + vpmaddwd by ones + vpaddd over quads of the contraction. u8 x s8 with signed
+# activations needs the sign trick per product: |a| as the unsigned operand (vpabsb once per
+# broadcast) and the weights with a's signs (vpsignb per product, the panel being shared by tokens).
+# Without it the int16 pair sums (a + 128) w reach 255 * 127 * 2 and saturate.
+cat > "$WORK/cand.c" <<'C'
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+__attribute__((target("avx2"))) void cand_maddubs_6x16(int64_t nq, const int8_t *const *a, const __m256i *P,
+                                                      __m256i *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c[6][2];
+    for (int i = 0; i < 6; i++) c[i][0] = c[i][1] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < nq; q++) {
+        const __m256i w0 = _mm256_load_si256(P + 2 * q), w1 = _mm256_load_si256(P + 2 * q + 1);
+#pragma GCC unroll 6
+        for (int i = 0; i < 6; i++) {
+            int32_t v;
+            memcpy(&v, a[i] + 4 * q, 4);
+            const __m256i b = _mm256_set1_epi32(v), u = _mm256_abs_epi8(b);
+            c[i][0] = _mm256_add_epi32(c[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, b)), ones));
+            c[i][1] = _mm256_add_epi32(c[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, b)), ones));
+        }
+    }
+    for (int i = 0; i < 6; i++) out[2 * i] = c[i][0], out[2 * i + 1] = c[i][1];
+}
+C
+gcc $CFLAGS -S "$WORK/cand.c" -o "$WORK/cand.s"
 
 python3 - "$WORK" "$MCA" <<'PY'
 import re, subprocess, sys
@@ -44,12 +73,22 @@ LOOPS = [
     ("avx512", "nt_q8_int4_tile_6", "int8 mode, int4 nt 6x32, one 32-block", ZMM_CPUS),
     ("avx2", "panel_times_rows", "avx2 6x16 panel tile (inlined there)", YMM_CPUS),
     ("avx2", "dots_avx2", "avx2 LoRA dots, 4 rows", YMM_CPUS),
+    ("avx2", "q_nt_int8_tile_6", "avx2 int8 mode, int8 nt 6x16 vpmaddwd tile", YMM_CPUS),
+    ("avx2", "q_tn_tile_6", "avx2 int8 mode, int8 tn 6x16 vpmaddwd tile", YMM_CPUS),
+    ("avx2", "q_nt_int4_tile_3", "avx2 int8 mode, int4 nt 3x16, one 32-block", YMM_CPUS),
+    ("cand", "cand_maddubs_6x16", "candidate: vpmaddubsw + sign trick 6x16", YMM_CPUS),
 ]
+# multiply-adds per dot-product instruction (op_of) of the avx2 tiles, for their comparison with the
+# fp32 FMA tile: vfmadd ymm 8, vpmaddwd 16 (int16 pairs), 32 in the candidate (after vpmaddubsw)
+MACS_PER_OP = {"panel_times_rows": 8, "q_nt_int8_tile_6": 16, "q_tn_tile_6": 16, "q_nt_int4_tile_3": 16,
+               "cand_maddubs_6x16": 32}
 
 
 def op_of(func):
-    """The dot-product instruction that bounds a loop: vpdpbusd in the int8 mode's, else the FMA."""
-    return "vpdpbusd" if "_q8_" in func else "vfmadd"
+    """The dot-product instruction that bounds a loop: vpdpbusd in the avx512 int8 mode's, vpmaddwd
+    in the avx2 one's (q_*), else the FMA."""
+    return ("vpdpbusd" if "_q8_" in func else "vpmaddwd" if func.startswith(("q_", "cand_"))
+            else "vfmadd")
 
 
 def hot_loop(asm_lines, func):
@@ -88,7 +127,8 @@ def mca(loop_text, cpu, op):
     return cycles, sum(op_rt)  # bound: each dot-product instruction's reciprocal throughput in this model
 
 
-asm = {src: open(f"{work}/{src}.s").read().splitlines() for src in ("avx512", "avx2")}
+asm = {src: open(f"{work}/{src}.s").read().splitlines() for src in ("avx512", "avx2", "cand")}
+fma_tile = {}  # cpu -> cycles per iteration of the avx2 fp32 FMA tile
 print(f"{'loop':<26} {'what':<44} {'cpu':<15} {'ops':>4} {'cyc/iter':>8} {'op bound':>9} {'% bound':>7}")
 worst = 100.0
 for src, func, what, cpus in LOOPS:
@@ -102,9 +142,16 @@ for src, func, what, cpus in LOOPS:
         cycles, bound = mca("\n".join(loop) + "\n", cpu, op_of(func))
         pct = 100.0 * bound / cycles
         worst = min(worst, pct) if "panel tile" in what and src == "avx512" else worst
-        print(f"{func:<26} {what:<44} {cpu:<15} {n_fma:>4} {cycles:>8.1f} {bound:>9.1f} {pct:>6.0f}%")
+        extra = ""
+        if func in MACS_PER_OP:
+            rate = MACS_PER_OP[func] * n_fma / cycles
+            if func == "panel_times_rows":
+                fma_tile[cpu] = rate
+            extra = f"  {rate:5.1f} MACs/cycle, {rate / fma_tile[cpu]:.2f}x the fp32 FMA tile"
+        print(f"{func:<26} {what:<44} {cpu:<15} {n_fma:>4} {cycles:>8.1f} {bound:>9.1f} {pct:>6.0f}%{extra}")
 print(f"\navx512 panel tiles (the hot loop of every product with M >= 13): worst {worst:.0f}% of the FMA bound")
-print("ops: the loop's dot-product instructions (vfmadd; vpdpbusd in the *_q8_* integer tiles), bound: their")
+print("ops: the loop's dot-product instructions (vfmadd; vpdpbusd in the *_q8_* integer tiles, vpmaddwd in the")
+print("avx2 q_* ones, whose vpaddd the bound leaves out), bound: their")
 print("reciprocal throughputs summed in the CPU model.")
 print("The direct/dot forms (few tokens) dequantize inside the loop, so their bound is shared with the")
 print("conversion uops; llvm-19's sapphirerapids model issues zmm FMAs on port 0 only (1/cycle), real")
