@@ -67,3 +67,32 @@ def test_int8_mode_bf16_input_and_nan_isolation(kernel_path, seed):
     assert torch.isnan(out[2]).all()
     keep = [0, 1, 3, 4, 5]
     assert torch.equal(out[keep], clean[keep])
+
+
+@pytest.mark.parametrize("fmt,dtype,expected", [
+    ("int8", torch.bfloat16, ComputeMode.INT8), ("int4", torch.bfloat16, ComputeMode.INT8),
+    ("bf16", torch.bfloat16, ComputeMode.BF16), ("int8", torch.float32, ComputeMode.F32),
+    ("int4", torch.float32, ComputeMode.F32), ("bf16", torch.float32, ComputeMode.F32),
+])
+def test_default_compute_mode_by_dtype_and_pack(fmt, dtype, expected, seed):
+    """The default (compute_mode None) is the int8 mode for bf16 inputs on int8 / int4 packs (issue #13
+    item 5), bf16 on bf16 packs, and the exact f32 mode for fp32 inputs; the same on every path.
+    Checked through the results: the default gives bitwise the explicitly chosen mode's outputs and
+    gradients, and differs from the other modes'."""
+    gate_up, down = random_experts(8, 64, 32)
+    idx, w = distinct_routing(6, 8, 2)
+    x0 = torch.randn(6, 64).to(dtype)
+
+    def run(mode):
+        ex = CPUExperts.from_tensors(gate_up, down, format=fmt, compute_mode=mode)
+        x, wr = x0.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = ex(x, idx, wr)
+        y.float().square().sum().backward()
+        return y, x.grad, wr.grad
+
+    default = run(None)
+    for a, b in zip(default, run(expected)):
+        assert torch.equal(a, b)
+    others = [m for m in ComputeMode if m != expected and not (m == ComputeMode.INT8 and fmt == "bf16")]
+    for m in others:
+        assert not torch.equal(default[0], run(m)[0]), f"the default matches {m.value} too"

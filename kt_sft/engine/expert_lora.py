@@ -53,7 +53,7 @@ def forward_with_lora(experts: CPUExperts, hidden_states: torch.Tensor, top_k_in
         if p.device.type != "cpu" or p.dtype != torch.float32:
             raise TypeError(f"expert LoRA parameters must stay float32 on the CPU, got {p.dtype} on {p.device}")
     key = repr([(id(p), p._version) for p in weights]).encode()
-    mode = experts.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None))
+    mode = experts.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None), experts.packed.format)
     cache = experts.recompute_cache if experts.training else None
     return cpu_experts(hidden_states, top_k_index, top_k_weights, experts.packed, mode, cache, experts.pin_memory,
                        lora=kernel_lora(*weights, scaling, experts.num_experts), lora_key=key)

@@ -12,9 +12,15 @@ from kt_sft.engine.formats import ComputeMode, Format
 from kt_sft.engine.recompute_cache import RecomputeCache
 
 
-def default_compute_mode(x_dtype: torch.dtype) -> ComputeMode:
-    """fp32 inputs keep the exact mode; bf16 inputs use bf16 products."""
-    return ComputeMode.F32 if x_dtype == torch.float32 else ComputeMode.BF16
+def default_compute_mode(x_dtype: torch.dtype, fmt: Format | str = Format.BF16) -> ComputeMode:
+    """fp32 inputs keep the exact mode. Other inputs (bf16 training): int8 and int4 packs use the
+    int8 mode (integer products; its loss gap to plain training on the same weights was 1.3-1.5x the
+    bf16 mode's in the LLaMA-Factory study of docs/formats.md, and its kernels are the fastest on
+    every path), bf16 packs the bf16 mode. The same on every CPU: the mode never depends on the
+    kernel path."""
+    if x_dtype == torch.float32:
+        return ComputeMode.F32
+    return ComputeMode.INT8 if Format(fmt) in (Format.INT8, Format.INT4) else ComputeMode.BF16
 
 
 class CPUExperts(nn.Module):
@@ -46,7 +52,7 @@ class CPUExperts(nn.Module):
 
     @property
     def compute_mode(self) -> ComputeMode | None:
-        """f32 / bf16 / int8, or None for the default per input dtype (validated on assignment)."""
+        """f32 / bf16 / int8, or None for the default per input dtype and pack format (validated on assignment)."""
         return self._compute_mode
 
     @compute_mode.setter
@@ -78,7 +84,7 @@ class CPUExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        mode = self.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None))
+        mode = self.compute_mode or default_compute_mode(getattr(hidden_states, "dtype", None), self.packed.format)
         cache = self.recompute_cache if self.training else None
         return cpu_experts(hidden_states, top_k_index, top_k_weights, self.packed, mode, cache, self.pin_memory)
 

@@ -20,7 +20,7 @@ class KtSettings:
     format: str = "int8"
     """Format the pack was written in (informational; the pack header is authoritative)."""
     compute_mode: str | None = None
-    """f32 / bf16 / int8, or None for the default per input dtype. Env: KT_SFT_COMPUTE_MODE."""
+    """f32 / bf16 / int8, or None for the default per input dtype and pack format (experts.default_compute_mode). Env: KT_SFT_COMPUTE_MODE."""
     num_threads: int | None = None
     """Threads of the C kernels; None = the CPUs this process may use / ranks on this node (torchrun's
     LOCAL_WORLD_SIZE). Env: KT_SFT_NUM_THREADS."""
