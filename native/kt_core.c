@@ -126,6 +126,7 @@ static const unsigned isa_needs[] = {
     [KT_ISA_AVX512] = KT_NEEDS_AVX512,
     [KT_ISA_AVX512_SIMDE] = KT_NEEDS_AVX2, /* emulated: the zmm code runs as AVX2 */
     [KT_ISA_AMX] = KT_NEEDS_AVX512 | KT_CPU_AVX512BF16 | KT_CPU_AMX | KT_CPU_AMXBF16,
+    [KT_ISA_AVX_VNNI] = KT_NEEDS_AVX2 | KT_CPU_AVXVNNI,
 };
 
 static const kt_kernels *kernels_of(int isa) {
@@ -136,6 +137,7 @@ static const kt_kernels *kernels_of(int isa) {
     case KT_ISA_AVX512: return &kt_kernels_avx512; /* weak: NULL when not built */
     case KT_ISA_AVX512_SIMDE: return &kt_kernels_avx512_simde;
     case KT_ISA_AMX: return &kt_kernels_amx;
+    case KT_ISA_AVX_VNNI: return &kt_kernels_avx_vnni;
 #endif
     default: return NULL; /* not compiled for this architecture */
     }
@@ -163,7 +165,7 @@ int kt_amx_permitted(void) { return 0; }
 #endif
 
 int kt_isa_supported(int isa) {
-    if (isa < 0 || isa > KT_ISA_AMX) return 0;
+    if (isa < 0 || isa > KT_ISA_AVX_VNNI) return 0;
     if (kernels_of(isa) == NULL || (kt_cpu_features() & isa_needs[isa]) != isa_needs[isa]) return 0;
 #if defined(__x86_64__)
     if (isa == KT_ISA_AMX && !kt_amx_permitted()) return 0;
@@ -181,7 +183,7 @@ int kt_select_isa(int isa) {
 
 int kt_current_isa(void) {
     if (g_isa < 0) {
-        static const int order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX2, KT_ISA_SCALAR};
+        static const int order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX_VNNI, KT_ISA_AVX2, KT_ISA_SCALAR};
         for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
             if (kt_isa_supported(order[i])) { g_isa = order[i]; break; }
     }

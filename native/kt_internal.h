@@ -184,6 +184,7 @@ void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n);
 extern const kt_kernels kt_kernels_scalar;
 #if defined(__x86_64__)
 extern const kt_kernels kt_kernels_avx2;
+extern const kt_kernels kt_kernels_avx_vnni; /* the avx2 table with AVX-VNNI int8 products */
 /* Weak: present when their sources are in the build (the SIMDe twin needs libsimde-dev). */
 extern const kt_kernels kt_kernels_avx512 __attribute__((weak));
 extern const kt_kernels kt_kernels_avx512_simde __attribute__((weak));

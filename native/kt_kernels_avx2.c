@@ -394,39 +394,37 @@ static inline __m256i bcast_pair(const int16_t *a, int64_t p) {
     return _mm256_castps_si256(_mm256_broadcast_ss((const float *)(a + 2 * p)));
 }
 
-/* acc[i][0..2) += sum_{p in [p0, p1)} bcast(a[i], p) . P[p] (int32 lanes), R <= 6 rows; always
- * inlined with a constant R, so each tile height gets its own loop. The accumulators are named
- * variables (as in ukernel_any): an array of them made GCC keep half on the stack. 12 accumulators,
- * 2 panel vectors, a broadcast and a product fill the 16 ymm registers. */
+/* acc[i][0..2) = sum_{s in [s0, s1)} STEP(a[i], s, P[s]) (int32 lanes), R <= 6 rows: the loop of every
+ * integer tile (q_steps: vpmaddwd + vpaddd on int16 pairs; v_steps, below: AVX-VNNI vpdpbusd on
+ * quads). Always inlined with a constant R, so each tile height gets its own loop. The accumulators
+ * are named variables (as in ukernel_any): an array of them made GCC keep half on the stack. 12
+ * accumulators, 2 panel vectors, a broadcast and a product fill the 16 ymm registers. */
+#define KT_INT_STEPS(name, attrs, A_T, STEP)                                                                  \
+    static inline __attribute__((always_inline)) attrs void name(int R, int64_t s0, int64_t s1,              \
+                                                                 const A_T *const *a, const int32_t *P,       \
+                                                                 __m256i acc[][2]) {                          \
+        __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;                                  \
+        c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();      \
+        _Pragma("GCC unroll 2") for (int64_t s = s0; s < s1; s++) {                                          \
+            const __m256i w0 = _mm256_load_si256((const __m256i *)(P + s * Q_NR));                           \
+            const __m256i w1 = _mm256_load_si256((const __m256i *)(P + s * Q_NR + 8));                       \
+            STEP(0, c00, c01) STEP(1, c10, c11) STEP(2, c20, c21) STEP(3, c30, c31) STEP(4, c40, c41)        \
+            STEP(5, c50, c51)                                                                                \
+        }                                                                                                    \
+        acc[0][0] = c00, acc[0][1] = c01;                                                                    \
+        if (R > 1) acc[1][0] = c10, acc[1][1] = c11;                                                         \
+        if (R > 2) acc[2][0] = c20, acc[2][1] = c21;                                                         \
+        if (R > 3) acc[3][0] = c30, acc[3][1] = c31;                                                         \
+        if (R > 4) acc[4][0] = c40, acc[4][1] = c41;                                                         \
+        if (R > 5) acc[5][0] = c50, acc[5][1] = c51;                                                         \
+    }
 #define Q_ROW(i, c0, c1)                                                                         \
     if (R > i) {                                                                                 \
-        const __m256i b = bcast_pair(a[i], p);                                                   \
+        const __m256i b = bcast_pair(a[i], s);                                                   \
         c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(b, w0));                                     \
         c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(b, w1));                                     \
     }
-static inline __attribute__((always_inline)) void q_steps(int R, int64_t p0, int64_t p1, const int16_t *const *a,
-                                                          const int32_t *P, __m256i acc[][2]) {
-    __m256i c00 = acc[0][0], c01 = acc[0][1], c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-    c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
-    if (R > 1) c10 = acc[1][0], c11 = acc[1][1];
-    if (R > 2) c20 = acc[2][0], c21 = acc[2][1];
-    if (R > 3) c30 = acc[3][0], c31 = acc[3][1];
-    if (R > 4) c40 = acc[4][0], c41 = acc[4][1];
-    if (R > 5) c50 = acc[5][0], c51 = acc[5][1];
-#pragma GCC unroll 2
-    for (int64_t p = p0; p < p1; p++) {
-        const __m256i w0 = _mm256_load_si256((const __m256i *)(P + p * Q_NR));
-        const __m256i w1 = _mm256_load_si256((const __m256i *)(P + p * Q_NR + 8));
-        Q_ROW(0, c00, c01) Q_ROW(1, c10, c11) Q_ROW(2, c20, c21) Q_ROW(3, c30, c31) Q_ROW(4, c40, c41)
-        Q_ROW(5, c50, c51)
-    }
-    acc[0][0] = c00, acc[0][1] = c01;
-    if (R > 1) acc[1][0] = c10, acc[1][1] = c11;
-    if (R > 2) acc[2][0] = c20, acc[2][1] = c21;
-    if (R > 3) acc[3][0] = c30, acc[3][1] = c31;
-    if (R > 4) acc[4][0] = c40, acc[4][1] = c41;
-    if (R > 5) acc[5][0] = c50, acc[5][1] = c51;
-}
+KT_INT_STEPS(q_steps, , int16_t, Q_ROW)
 #undef Q_ROW
 
 /* The fp32 epilogue of one output row: v = ((v * a_scale) * alpha) (+ out), columns [0, width). */
@@ -486,10 +484,7 @@ static inline __attribute__((always_inline)) void q_nt_int8_tile(int R, const kt
                                                                  __m256 d0, __m256 d1, int64_t col, int64_t width) {
     const int16_t *a[Q_MR8];
     __m256i acc[Q_MR8][2];
-    for (int i = 0; i < R; i++) {
-        a[i] = A + i * C2;
-        acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    }
+    for (int i = 0; i < R; i++) a[i] = A + i * C2;
     q_steps(R, 0, g->L->K_pad / 2, a, P, acc);
     for (int i = 0; i < R; i++)
         q_store_row(g, m0 + i, col, width, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), d0),
@@ -509,7 +504,6 @@ static inline __attribute__((always_inline)) void q_nt_int4_tile(int R, const kt
     const int64_t nb = g->L->K_pad / KT_INT4_BLOCK, bp = KT_INT4_BLOCK / 2;
     for (int64_t b = 0; b < nb; b++) {
         __m256i acc[Q_MR4][2];
-        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
         q_steps(R, b * bp, (b + 1) * bp, a, P, acc);
         const __m256 e0 = _mm256_load_ps(D + b * Q_NR), e1 = _mm256_load_ps(D + b * Q_NR + 8);
         for (int i = 0; i < R; i++) {
@@ -527,10 +521,7 @@ static inline __attribute__((always_inline)) void q_tn_tile(int R, const kt_gemm
                                                             int64_t width) {
     const int16_t *a[Q_MR8];
     __m256i acc[Q_MR8][2];
-    for (int i = 0; i < R; i++) {
-        a[i] = A + i * C2;
-        acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-    }
+    for (int i = 0; i < R; i++) a[i] = A + i * C2;
     q_steps(R, 0, C2 / 2, a, P, acc);
     for (int i = 0; i < R; i++)
         q_store_row(g, m0 + i, col, width, _mm256_cvtepi32_ps(acc[i][0]), _mm256_cvtepi32_ps(acc[i][1]));
@@ -655,6 +646,242 @@ void kt_tn_q8_avx2(const kt_gemm *g) {
         }
     }
 }
+
+/* ---- int8 activations on AVX-VNNI: vpdpbusd on ymm (the avx-vnni path) --------------------------- */
+
+/* CPUs with AVX-VNNI (the VEX form of vpdpbusd: Alder Lake and later Intel cores, Zen 5) but without
+ * AVX-512 get the avx2 table with these int8-mode products: four u8 x s8 multiply-adds per int32
+ * lane, 32 per ymm instruction, 4x an fp32 FMA. The same scheme as the avx512 table's vpdpbusd
+ * kernels (kt_kernels_avx512.c, "int8 activations"), on 16 outputs per panel:
+ *   nt: P[q][j] = W[n0+j][4q .. 4q+4)       (int8 quants; int4 as q - 8)
+ *   tn: P[q][j] = W[4q .. 4q+4)[c0+j]       (int8 quants, 4 rows interleaved bytewise)
+ * the token's quad biased to a + 128 (xor 0x80) and 128 * sum w per output (per 32-block for int4)
+ * subtracted; only the non-saturating vpdpbusd and wrapping vpsubd, so the int32 sums are exact for
+ * K <= 131072 and, with the scalar order of the fp32 epilogue, the results are bitwise the scalar
+ * path's. Tiles: int8 6 x 16 (12 accumulators, 2 panel vectors, a broadcast), int4 3 x 16. */
+#define KT_VNNI_Y __attribute__((target("avxvnni,avx2,fma,f16c")))
+#define V_MR8 6
+#define V_MR4 3
+
+static inline __attribute__((always_inline)) KT_VNNI_Y __m256i vbcast_quad(const int8_t *a, int64_t q) {
+    int32_t v;
+    memcpy(&v, a + 4 * q, 4);
+    return _mm256_xor_si256(_mm256_set1_epi32(v), _mm256_set1_epi32((int)0x80808080u));
+}
+
+#define V_ROW(i, c0, c1)                                                                         \
+    if (R > i) {                                                                                 \
+        const __m256i b = vbcast_quad(a[i], s);                                                  \
+        c0 = _mm256_dpbusd_avx_epi32(c0, b, w0);                                                 \
+        c1 = _mm256_dpbusd_avx_epi32(c1, b, w1);                                                 \
+    }
+/* acc = the biased sums over quads [q0, q1): see KT_INT_STEPS */
+KT_INT_STEPS(v_steps, KT_VNNI_Y, int8_t, V_ROW)
+#undef V_ROW
+
+/* 128 * (sum of each lane's four signed bytes), accumulated into s. */
+static inline __attribute__((always_inline)) KT_VNNI_Y __m256i v_quad_sums(__m256i s, __m256i v) {
+    return _mm256_dpbusd_avx_epi32(s, _mm256_set1_epi8(1), v);
+}
+
+/* nt panel of rows [n0, n0 + rows): P[q][j] for q < K_pad / 4 (rows past `rows` zero) and
+ * corr[b][j] = 128 * sum of row j's quants over block b (the whole row for int8, a 32-block for int4). */
+static KT_VNNI_Y void v_panel_rows(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t rows,
+                                   int32_t *P, int32_t *corr) {
+    const int64_t K_pad = L->K_pad, blk_q = fmt == KT_FORMAT_INT8 ? K_pad / 4 : KT_INT4_BLOCK / 4;
+    __m256i s[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t k = 0; k < K_pad; k += 32) {
+        for (int half = 0; half < 2; half++) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) {
+                const int64_t j = half * 8 + i;
+                __m256i v = _mm256_setzero_si256();
+                if (j < rows) {
+                    const uint8_t *row = mat + (size_t)(n0 + j) * L->row_bytes;
+                    if (fmt == KT_FORMAT_INT8) {
+                        v = _mm256_loadu_si256((const __m256i *)(row + k));
+                    } else { /* one 32-block: low nibbles are elements 0..15, high ones 16..31 */
+                        const __m128i b = _mm_loadu_si128((const __m128i *)(row + k / 2)), m = _mm_set1_epi8(0x0f);
+                        const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+                        v = _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+                    }
+                }
+                r[i] = _mm256_castsi256_ps(v);
+            }
+            transpose8(r); /* 32-bit words: r[i] = quad k/4 + i of the 8 rows */
+            for (int i = 0; i < 8; i++) {
+                const __m256i v = _mm256_castps_si256(r[i]);
+                const int64_t q = k / 4 + i;
+                _mm256_store_si256((__m256i *)(P + q * Q_NR + half * 8), v);
+                s[half] = v_quad_sums(s[half], v);
+                if ((q + 1) % blk_q == 0) {
+                    _mm256_store_si256((__m256i *)(corr + (q / blk_q) * Q_NR + half * 8), _mm256_slli_epi32(s[half], 7));
+                    s[half] = _mm256_setzero_si256();
+                }
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) KT_VNNI_Y void v_nt_int8_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                           const int32_t *P, const int32_t *corr,
+                                                                           __m256 d0, __m256 d1, int64_t col,
+                                                                           int64_t width) {
+    const int8_t *a[V_MR8];
+    __m256i acc[V_MR8][2];
+    for (int i = 0; i < R; i++) a[i] = g->a_rows[m0 + i];
+    v_steps(R, 0, g->L->K_pad / 4, a, P, acc);
+    const __m256i k0 = _mm256_load_si256((const __m256i *)corr), k1 = _mm256_load_si256((const __m256i *)(corr + 8));
+    for (int i = 0; i < R; i++)
+        q_store_row(g, m0 + i, col, width, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][0], k0)), d0),
+                    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][1], k1)), d1));
+}
+
+static inline __attribute__((always_inline)) KT_VNNI_Y void v_nt_int4_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                           const int32_t *P, const int32_t *corr,
+                                                                           const float *D, int64_t col,
+                                                                           int64_t width) {
+    const int8_t *a[V_MR4];
+    __m256 f[V_MR4][2];
+    for (int i = 0; i < R; i++) {
+        a[i] = g->a_rows[m0 + i];
+        f[i][0] = f[i][1] = _mm256_setzero_ps();
+    }
+    const int64_t nb = g->L->K_pad / KT_INT4_BLOCK, bq = KT_INT4_BLOCK / 4;
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i acc[V_MR4][2];
+        v_steps(R, b * bq, (b + 1) * bq, a, P, acc);
+        const __m256i k0 = _mm256_load_si256((const __m256i *)(corr + b * Q_NR));
+        const __m256i k1 = _mm256_load_si256((const __m256i *)(corr + b * Q_NR + 8));
+        const __m256 e0 = _mm256_load_ps(D + b * Q_NR), e1 = _mm256_load_ps(D + b * Q_NR + 8);
+        for (int i = 0; i < R; i++) {
+            f[i][0] = _mm256_add_ps(f[i][0], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][0], k0)), e0));
+            f[i][1] = _mm256_add_ps(f[i][1], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][1], k1)), e1));
+        }
+    }
+    for (int i = 0; i < R; i++) q_store_row(g, m0 + i, col, width, f[i][0], f[i][1]);
+}
+
+/* tn panel of columns [c0, c0 + 16): P[q][j] = bytes W[4q + i][c0 + j], i < 4, q < ceil(N / 4) (rows
+ * past N zero), and corr[j] = 128 * sum_n W[n][c0 + j]. */
+static KT_VNNI_Y void v_panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int32_t *P,
+                                      int32_t *corr) {
+    const int64_t N = L->N, nq = (N + 3) / 4;
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+    for (int64_t q = 0; q < nq; q++) {
+        __m128i r[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t n = 4 * q + i;
+            if (n + 16 < N) _mm_prefetch((const char *)(mat + (size_t)(n + 16) * L->row_bytes + c0), _MM_HINT_T0);
+            r[i] = n < N ? _mm_loadu_si128((const __m128i *)(mat + (size_t)n * L->row_bytes + c0)) : _mm_setzero_si128();
+        }
+        const __m128i t01l = _mm_unpacklo_epi8(r[0], r[1]), t01h = _mm_unpackhi_epi8(r[0], r[1]);
+        const __m128i t23l = _mm_unpacklo_epi8(r[2], r[3]), t23h = _mm_unpackhi_epi8(r[2], r[3]);
+        const __m256i v0 = _mm256_set_m128i(_mm_unpackhi_epi16(t01l, t23l), _mm_unpacklo_epi16(t01l, t23l));
+        const __m256i v1 = _mm256_set_m128i(_mm_unpackhi_epi16(t01h, t23h), _mm_unpacklo_epi16(t01h, t23h));
+        _mm256_store_si256((__m256i *)(P + q * Q_NR), v0);
+        _mm256_store_si256((__m256i *)(P + q * Q_NR + 8), v1);
+        s0 = v_quad_sums(s0, v0);
+        s1 = v_quad_sums(s1, v1);
+    }
+    _mm256_store_si256((__m256i *)corr, _mm256_slli_epi32(s0, 7));
+    _mm256_store_si256((__m256i *)(corr + 8), _mm256_slli_epi32(s1, 7));
+}
+
+static inline __attribute__((always_inline)) KT_VNNI_Y void v_tn_tile(int R, const kt_gemm *g, int64_t m0,
+                                                                      const int32_t *P, const int32_t *corr,
+                                                                      int64_t col, int64_t width) {
+    const int8_t *a[V_MR8];
+    __m256i acc[V_MR8][2];
+    for (int i = 0; i < R; i++) a[i] = g->a_rows[m0 + i];
+    v_steps(R, 0, (g->L->N + 3) / 4, a, P, acc);
+    const __m256i k0 = _mm256_load_si256((const __m256i *)corr), k1 = _mm256_load_si256((const __m256i *)(corr + 8));
+    for (int i = 0; i < R; i++)
+        q_store_row(g, m0 + i, col, width, _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][0], k0)),
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[i][1], k1)));
+}
+
+#define KT_V_TILES(R)                                                                                         \
+    static KT_VNNI_Y void v_nt_int8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P, const int32_t *k, \
+                                             __m256 d0, __m256 d1, int64_t col, int64_t w) {                  \
+        v_nt_int8_tile(R, g, m0, P, k, d0, d1, col, w);                                                       \
+    }                                                                                                         \
+    static KT_VNNI_Y void v_tn_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P, const int32_t *k,      \
+                                        int64_t col, int64_t w) {                                             \
+        v_tn_tile(R, g, m0, P, k, col, w);                                                                    \
+    }
+#define KT_V4_TILES(R)                                                                                        \
+    static KT_VNNI_Y void v_nt_int4_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P, const int32_t *k, \
+                                             const float *D, int64_t col, int64_t w) {                        \
+        v_nt_int4_tile(R, g, m0, P, k, D, col, w);                                                            \
+    }
+KT_V_TILES(1) KT_V_TILES(2) KT_V_TILES(3) KT_V_TILES(4) KT_V_TILES(5) KT_V_TILES(6)
+KT_V4_TILES(1) KT_V4_TILES(2) KT_V4_TILES(3)
+#undef KT_V_TILES
+#undef KT_V4_TILES
+_Static_assert(V_MR8 == 6 && V_MR4 == 3, "the tables below list one tile per height");
+typedef void (*v_nt_int8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, __m256, __m256,
+                                  int64_t, int64_t);
+typedef void (*v_nt_int4_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, const float *,
+                                  int64_t, int64_t);
+typedef void (*v_tn_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, int64_t, int64_t);
+static const v_nt_int8_tile_fn v_nt_int8_tiles[V_MR8 + 1] = {NULL, v_nt_int8_tile_1, v_nt_int8_tile_2,
+                                                             v_nt_int8_tile_3, v_nt_int8_tile_4,
+                                                             v_nt_int8_tile_5, v_nt_int8_tile_6};
+static const v_nt_int4_tile_fn v_nt_int4_tiles[V_MR4 + 1] = {NULL, v_nt_int4_tile_1, v_nt_int4_tile_2,
+                                                             v_nt_int4_tile_3};
+static const v_tn_tile_fn v_tn_tiles[V_MR8 + 1] = {NULL, v_tn_tile_1, v_tn_tile_2, v_tn_tile_3,
+                                                   v_tn_tile_4, v_tn_tile_5, v_tn_tile_6};
+
+/* Scratch: [panel: K_pad / 4 (tn: N / 4, rounded up to 8) x 16 words][corr, int4 scales: blocks x 16 each] */
+static KT_VNNI_Y void nt_q8_avxvnni(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K_pad = L->K_pad, nq = K_pad / 4, nb = K_pad / KT_INT4_BLOCK;
+    const int int8 = L->format == KT_FORMAT_INT8;
+    assert(K_pad <= Q_MAX_K && K_pad % 32 == 0);
+    int32_t *P = (int32_t *)g->scratch, *corr = P + nq * Q_NR;
+    float *D = (float *)(corr + (nb + 1) * Q_NR);
+    const int64_t mr = int8 ? V_MR8 : V_MR4, tiles = (g->M + mr - 1) / mr;
+    const uint16_t *sc = (const uint16_t *)(g->w + L->scales_offset);
+    for (int64_t n0 = g->lo; n0 < g->hi; n0 += Q_NR) {
+        const int64_t width = g->hi - n0 < Q_NR ? g->hi - n0 : Q_NR;
+        float d[Q_NR] = {0};
+        if (int8) {
+            for (int64_t j = 0; j < width; j++) d[j] = ((const float *)(g->w + L->scales_offset))[n0 + j];
+        } else {
+            for (int64_t b = 0; b < nb; b++)
+                for (int64_t j = 0; j < Q_NR; j++) D[b * Q_NR + j] = j < width ? _cvtsh_ss(sc[(n0 + j) * nb + b]) : 0.0f;
+        }
+        v_panel_rows(L->format, L, g->w, n0, width, P, corr);
+        const __m256 d0 = _mm256_loadu_ps(d), d1 = _mm256_loadu_ps(d + 8);
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t m0, rows;
+            q_tile_of(g->M, mr, t, &m0, &rows);
+            if (int8) v_nt_int8_tiles[rows](g, m0, P, corr, d0, d1, n0 - g->lo, width);
+            else v_nt_int4_tiles[rows](g, m0, P, corr, D, n0 - g->lo, width);
+        }
+    }
+}
+
+static KT_VNNI_Y void tn_q8_avxvnni(const kt_gemm *g) {
+    const kt_matrix_layout *L = g->L;
+    assert(L->format == KT_FORMAT_INT8 && L->N <= Q_MAX_K && g->lo % 16 == 0);
+    int32_t *P = (int32_t *)g->scratch, *corr = P + ((L->N + 3) / 4) * Q_NR;
+    const int64_t tiles = (g->M + V_MR8 - 1) / V_MR8;
+    for (int64_t c0 = g->lo; c0 < g->hi; c0 += Q_NR) {
+        const int64_t width = g->hi - c0 < Q_NR ? g->hi - c0 : Q_NR;
+        v_panel_columns(L, g->w, c0, P, corr);
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t m0, rows;
+            q_tile_of(g->M, V_MR8, t, &m0, &rows);
+            v_tn_tiles[rows](g, m0, P, corr, c0 - g->lo, width);
+        }
+    }
+}
+
+const kt_kernels kt_kernels_avx_vnni = {.name = "avx-vnni", .nt = nt_avx2, .tn = tn_avx2, .nt_q8 = nt_q8_avxvnni,
+                                        .tn_q8 = tn_q8_avxvnni, .dots = dots_avx2, .axpy = axpy_avx2,
+                                        .scratch_floats = scratch_floats_avx2};
 
 const kt_kernels kt_kernels_avx2 = {.name = "avx2", .nt = nt_avx2, .tn = tn_avx2, .nt_q8 = kt_nt_q8_avx2,
                                     .tn_q8 = kt_tn_q8_avx2, .dots = dots_avx2, .axpy = axpy_avx2,

@@ -8,6 +8,8 @@
  *   dpbusd_zmm         vpdpbusd:    64 u8 x s8 multiply-adds into 16 int32
  *   maddubs_ymm        vpmaddubsw + vpmaddwd + vpaddd: 32 u8 x s8 multiply-adds (AVX2's int8 dot)
  *   amx_int8           tdpbssd:     16 x 16 x 64 s8 multiply-adds into a 16 x 16 int32 tile
+ *   maddwd_ymm         vpmaddwd + vpaddd: 16 int16 multiply-adds (the avx2 table's int8 mode)
+ *   dpbusd_ymm         vpdpbusd (AVX-VNNI, VEX): 32 u8 x s8 multiply-adds into 8 int32
  * The loops never touch memory, so the result is the core's issue rate times the threads that
  * really ran in parallel (a busy machine reads low).
  */
@@ -44,6 +46,8 @@
 #define DPBUSD(i) a##i = _mm512_dpbusd_epi32(a##i, _mm512_set1_epi8(3), _mm512_set1_epi8(-2));
 #define MADDUBS(i) a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(                                  \
         _mm256_maddubs_epi16(_mm256_set1_epi8(3), _mm256_set1_epi8((char)(-2 - (i) % 2))), _mm256_set1_epi16(1)));
+#define MADDWD(i) a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(_mm256_set1_epi16(3), _mm256_set1_epi16((short)(-2 - (i) % 2))));
+#define DPBUSD_Y(i) a##i = _mm256_dpbusd_avx_epi32(a##i, _mm256_set1_epi8(3), _mm256_set1_epi8(-2));
 #define X_YMM(i) s += a##i[0];
 #define X_ZMM(i) s += a##i[0];
 #define X_ZMMI(i) s += (float)_mm512_cvtsi512_si32(a##i);
@@ -54,6 +58,8 @@ PROBE(probe_fma_zmm, "avx512f,avx2,fma", __m512, FMA_ZMM, X_ZMM, 16 * 2)
 PROBE(probe_dpbf16_zmm, "avx512f,avx512bf16,avx2,fma", __m512, DPBF16, X_ZMM, 32 * 2)
 PROBE(probe_dpbusd_zmm, "avx512f,avx512bw,avx512vnni,avx2", __m512i, DPBUSD, X_ZMMI, 64 * 2)
 PROBE(probe_maddubs_ymm, "avx2", __m256i, MADDUBS, X_YMMI, 32 * 2)
+PROBE(probe_maddwd_ymm, "avx2", __m256i, MADDWD, X_YMMI, 16 * 2)
+PROBE(probe_dpbusd_ymm, "avxvnni,avx2", __m256i, DPBUSD_Y, X_YMMI, 32 * 2)
 
 __attribute__((target("amx-tile,amx-bf16,amx-int8"))) static double probe_amx(int64_t iters, int int8) {
     kt_amx_tiles_on();
@@ -96,6 +102,8 @@ static int probe_supported(int kind) {
     case KT_PEAK_DPBUSD_ZMM: return (f & (KT_CPU_AVX512VNNI | KT_CPU_AVX512BW)) == (KT_CPU_AVX512VNNI | KT_CPU_AVX512BW);
     case KT_PEAK_MADDUBS_YMM: return (f & KT_CPU_AVX2) != 0;
     case KT_PEAK_AMX_INT8: return (f & KT_CPU_AMXINT8) && kt_amx_permitted();
+    case KT_PEAK_MADDWD_YMM: return (f & KT_CPU_AVX2) != 0;
+    case KT_PEAK_DPBUSD_YMM: return (f & (KT_CPU_AVX2 | KT_CPU_AVXVNNI)) == (KT_CPU_AVX2 | KT_CPU_AVXVNNI);
     default: return 0;
     }
 }
@@ -108,6 +116,8 @@ static double run_probe(int kind, int64_t iters) {
     case KT_PEAK_AMX_BF16: return probe_amx(iters / 16, 0);
     case KT_PEAK_DPBUSD_ZMM: return probe_dpbusd_zmm(iters);
     case KT_PEAK_MADDUBS_YMM: return probe_maddubs_ymm(iters);
+    case KT_PEAK_MADDWD_YMM: return probe_maddwd_ymm(iters);
+    case KT_PEAK_DPBUSD_YMM: return probe_dpbusd_ymm(iters);
     default: return probe_amx(iters / 16, 1);
     }
 }

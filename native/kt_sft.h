@@ -88,6 +88,7 @@ typedef struct {
 #define KT_ISA_AVX512 2
 #define KT_ISA_AVX512_SIMDE 3
 #define KT_ISA_AMX    4
+#define KT_ISA_AVX_VNNI 5
 
 /* CPU feature bits reported by kt_cpu_features. */
 #define KT_CPU_AVX2        1
@@ -112,6 +113,8 @@ typedef struct {
 #define KT_PEAK_DPBUSD_ZMM  4
 #define KT_PEAK_MADDUBS_YMM 5
 #define KT_PEAK_AMX_INT8    6
+#define KT_PEAK_MADDWD_YMM  7
+#define KT_PEAK_DPBUSD_YMM  8
 
 /* Return codes. On error kt_last_error() names the cause, file and line. */
 #define KT_OK          0

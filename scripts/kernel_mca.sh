@@ -58,7 +58,7 @@ work, MCA_BIN = sys.argv[1], sys.argv[2]
 
 # (source, function, what it is, CPUs)
 ZMM_CPUS = ["znver4", "sapphirerapids"]
-YMM_CPUS = ["znver3", "skylake", "znver4", "sapphirerapids"]
+YMM_CPUS = ["znver3", "skylake", "znver4", "sapphirerapids", "alderlake", "znver5"]
 LOOPS = [
     ("avx512", "ukernel_12", "12x32 panel tile (nt and tn, M >= 13)", ZMM_CPUS),
     ("avx512", "ukernel_8", "8x32 panel tile (a tail tile)", ZMM_CPUS),
@@ -77,17 +77,19 @@ LOOPS = [
     ("avx2", "q_tn_tile_6", "avx2 int8 mode, int8 tn 6x16 vpmaddwd tile", YMM_CPUS),
     ("avx2", "q_nt_int4_tile_3", "avx2 int8 mode, int4 nt 3x16, one 32-block", YMM_CPUS),
     ("cand", "cand_maddubs_6x16", "candidate: vpmaddubsw + sign trick 6x16", YMM_CPUS),
+    ("avx2", "v_nt_int8_tile_6", "avx-vnni int8 nt 6x16 ymm vpdpbusd tile", ["alderlake", "znver5"]),
+    ("avx2", "v_tn_tile_6", "avx-vnni int8 tn 6x16 ymm vpdpbusd tile", ["alderlake", "znver5"]),
 ]
 # multiply-adds per dot-product instruction (op_of) of the avx2 tiles, for their comparison with the
 # fp32 FMA tile: vfmadd ymm 8, vpmaddwd 16 (int16 pairs), 32 in the candidate (after vpmaddubsw)
 MACS_PER_OP = {"panel_times_rows": 8, "q_nt_int8_tile_6": 16, "q_tn_tile_6": 16, "q_nt_int4_tile_3": 16,
-               "cand_maddubs_6x16": 32}
+               "cand_maddubs_6x16": 32, "v_nt_int8_tile_6": 32, "v_tn_tile_6": 32}
 
 
 def op_of(func):
     """The dot-product instruction that bounds a loop: vpdpbusd in the avx512 int8 mode's, vpmaddwd
     in the avx2 one's (q_*), else the FMA."""
-    return ("vpdpbusd" if "_q8_" in func else "vpmaddwd" if func.startswith(("q_", "cand_"))
+    return ("vpdpbusd" if "_q8_" in func or func.startswith("v_") else "vpmaddwd" if func.startswith(("q_", "cand_"))
             else "vfmadd")
 
 

@@ -46,10 +46,11 @@ def converted(work: Path, arch: str, fmt: str) -> Path:
 LAST_OUTPUT = {"stdout": ""}  # of the latest train() run
 
 
-def train(work: Path, model: Path, out: Path, **overrides) -> list[dict]:
+def train(work: Path, model: Path, out: Path, env_extra: dict | None = None, **overrides) -> list[dict]:
     args = {"model_name_or_path": model, "dataset_dir": work / "fx" / "data", "output_dir": out, **overrides}
     cmd = [CLI, "train", str(KT_YAML)] + [f"{k}={v}" for k, v in args.items()]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KT_SFT_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "KT_SFT_NUM_THREADS": "2",
+           **(env_extra or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     LAST_OUTPUT["stdout"] = proc.stdout + proc.stderr
@@ -80,7 +81,8 @@ def test_train_learns_slow(work, arch, fmt, tmp_path):
 def parity(work, arch, fmt, tmp_path):
     steps = {"max_steps": 20, "logging_steps": 1, "eval_strategy": "'no'", "eval_on_start": "false"}
     plain = train(work, work / "fx" / "models" / arch, tmp_path / "plain", **steps)
-    ours = train(work, converted(work, arch, fmt), tmp_path / "kt", **steps)
+    # compute mode pinned (the fp32 run's default today): a change of defaults must not move parity
+    ours = train(work, converted(work, arch, fmt), tmp_path / "kt", env_extra={"KT_SFT_COMPUTE_MODE": "f32"}, **steps)
     a = [e["loss"] for e in plain if "loss" in e]
     b = [e["loss"] for e in ours if "loss" in e]
     assert len(a) == len(b) == 20

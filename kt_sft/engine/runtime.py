@@ -10,7 +10,7 @@ import sys
 from kt_sft.engine import _native
 from kt_sft.engine._native import lib
 
-KERNEL_PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-simde": 3, "amx": 4}  # KT_ISA_*
+KERNEL_PATHS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512-simde": 3, "amx": 4, "avx-vnni": 5}  # KT_ISA_*
 _CPU_FLAGS = {
     "avx2": 1, "fma": 2, "f16c": 4, "avx512f": 8, "avx512bw": 16, "avx512vl": 32,
     "avx512_vnni": 64, "avx512_bf16": 128, "amx": 256, "avx_vnni": 512, "avx512dq": 1024, "amx_bf16": 2048,
@@ -84,7 +84,7 @@ def kernel_path() -> str:
 
 
 # The automatic order (kt_core.c); avx512-simde is a test path, never a fallback.
-_PREFERENCE = ("amx", "avx512", "avx2", "scalar")
+_PREFERENCE = ("amx", "avx512", "avx-vnni", "avx2", "scalar")
 
 
 def next_path_down(isa: int) -> int:
@@ -96,17 +96,20 @@ def next_path_down(isa: int) -> int:
 
 # kt_peak_gops kinds (KT_PEAK_*): the instructions the kernel paths are built on.
 PEAK_KINDS = {"fma_ymm": 0, "fma_zmm": 1, "dpbf16_zmm": 2, "amx_bf16": 3, "dpbusd_zmm": 4, "maddubs_ymm": 5,
-              "amx_int8": 6}
+              "amx_int8": 6, "maddwd_ymm": 7, "dpbusd_ymm": 8}
 # The instruction whose peak bounds each (kernel path, compute mode); absent: scalar code.
 _BOUND_BY = {
     ("avx2", "f32"): "fma_ymm", ("avx2", "bf16"): "fma_ymm",
     ("avx512", "f32"): "fma_zmm", ("avx512", "bf16"): "fma_zmm",
     ("avx512-simde", "f32"): "fma_ymm", ("avx512-simde", "bf16"): "fma_ymm",  # emulated on ymm
     ("amx", "f32"): "fma_zmm", ("amx", "bf16"): "amx_bf16",
-    # vpdpbusd where the CPU has AVX512-VNNI (without it the table runs scalar integer loops and the
-    # dpbusd_zmm peak reads None); int4 packs' backward in this mode runs on the fp32 FMA kernels.
+    # vpdpbusd where the CPU has AVX512-VNNI (without it the table runs the avx2 vpmaddwd kernels and
+    # the dpbusd_zmm peak reads None); int4 packs' backward in this mode runs on the fp32 FMA kernels.
     ("avx512", "int8"): "dpbusd_zmm",
-    # tdpbssd for int8 packs (int4 packs' integer products run the avx512 table's vpdpbusd here)
+    ("avx2", "int8"): "maddwd_ymm",
+    # the avx2 table with AVX-VNNI's ymm vpdpbusd for the int8 mode
+    ("avx-vnni", "f32"): "fma_ymm", ("avx-vnni", "bf16"): "fma_ymm", ("avx-vnni", "int8"): "dpbusd_ymm",
+    # tdpbssd for int8 packs (int4 packs' forward runs on AMX-BF16 tiles, one step per 32-block)
     ("amx", "int8"): "amx_int8",
 }
 
