@@ -68,11 +68,12 @@ for p in ${KT_SFT_SAN_PATHS:-$AVAILABLE}; do  # requested paths this CPU and bui
 done
 if [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_bad_input.py tests/test_fuzz_regressions.py tests/test_pack_file.py tests/test_formats.py
-         tests/test_fork_threads.py tests/test_engine_numerics.py)
+         tests/test_fork_threads.py tests/test_engine_numerics.py tests/test_int8_kernels.py)
   SELECT=(-k "not slow")
 else
   TESTS=(tests/test_engine_numerics.py tests/test_bad_input.py tests/test_pack_file.py tests/test_formats.py
-         tests/test_int8_mode.py tests/test_expert_lora.py tests/test_recompute_cache.py tests/test_fork_threads.py
+         tests/test_int8_mode.py tests/test_int8_kernels.py tests/test_expert_lora.py tests/test_recompute_cache.py
+         tests/test_fork_threads.py
          tests/test_fuzz_regressions.py
          tests/test_avx512_path.py tests/test_amx_path.py)
   SELECT=()
