@@ -452,7 +452,7 @@ def run_mode(cfg: CompareConfig, mode: str, model: Path, data: dict, out_dir: Pa
     record = {
         "schema": SCHEMA_RUN, "mode": mode, "status": status, "error": error, "exit_code": rc,
         "command": cmd, "cwd": str(ROOT), "model": str(model), "llamafactory_args": args, "spec": spec,
-        "env": {k: env[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "KT_SFT_NUM_THREADS") if k in env},
+        "env": {k: env[k] for k in sorted(env) if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") or k.startswith("KT_SFT_")},
         "memory_cap": cap_report, "wall_s": wall, "loadavg_start": list(load_start),
         "loadavg_end": list(os.getloadavg()), **common,
     }
