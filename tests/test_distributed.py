@@ -172,8 +172,28 @@ DDP_TWO = {"nproc": 2, "batch": 1, "gradient_accumulation_steps": 2}
 
 @needs_cli
 def test_ddp_two_ranks_match_one_rank(work, tmp_path):
-    kt, ref = parity(work, tmp_path, "ddp", DDP_ONE, DDP_TWO)
+    reports = tmp_path / "memory"
+    reports.mkdir()
+    kt, ref = parity(work, tmp_path, "ddp", DDP_ONE, DDP_TWO, env={"KT_SFT_MEMORY_REPORT": str(reports)})
     assert_within(kt, ref)
+    check_one_pack_per_node(reports, ranks=2)
+
+
+def check_one_pack_per_node(reports: Path, ranks: int) -> None:
+    """Issue #14 item 1: the ranks of a node map one pack file, resident once: their Pss of it (read
+    right after a collective, every rank alive) adds up to what one rank holds, while each rank's Rss
+    counts it whole; and no rank runs more engine threads than its share of the cores."""
+    rep = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(ranks)]
+    (pack,) = rep[0]["packs_at_last_rank_sync_kib"]
+    at_sync = [r["packs_at_last_rank_sync_kib"][pack] for r in rep]
+    pss, rss = sum(m["Pss"] for m in at_sync), [m["Rss"] for m in at_sync]
+    print(f"[pack memory] {ranks} ranks: Rss {rss} KiB, Pss sum {pss} KiB, file {rep[0]['pack_bytes'][pack] // 1024} KiB, "
+          f"cores used {[round(r['cores_used'], 2) for r in rep]}, engine threads {[r['engine_threads'] for r in rep]}")
+    assert min(rss) > 0, at_sync
+    assert pss <= 1.1 * max(rss), f"pack Pss summed over ranks {pss} KiB > one rank's Rss {max(rss)} KiB: not shared"
+    assert sum(rss) >= 1.5 * pss, f"Rss {rss} vs Pss sum {pss}: the ranks do not share the pack's pages"
+    share = max(1, distributed.usable_cores() // ranks)
+    assert all(r["engine_threads"] == share for r in rep), ([r["engine_threads"] for r in rep], share)
 
 
 @needs_cli

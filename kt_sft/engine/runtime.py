@@ -62,6 +62,11 @@ def set_num_threads(n: int) -> None:
     _native.check(lib.kt_set_num_threads(n), "kt_set_num_threads")
 
 
+def num_threads() -> int:
+    """Threads the C kernels use now."""
+    return int(lib.kt_get_num_threads())
+
+
 def available_kernel_paths() -> list[str]:
     return [name for name, isa in KERNEL_PATHS.items() if lib.kt_isa_supported(isa)]
 

@@ -184,6 +184,9 @@ class ExpertLoraSync:
         if not any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
             return
         self.check_rank_identical()
+        from kt_sft.integration import loading
+
+        loading.note_pack_memory()  # every rank is alive here: the check above was a collective
 
     def checksum(self) -> str:
         h = hashlib.blake2b(digest_size=16)
