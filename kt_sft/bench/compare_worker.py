@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from kt_sft.integration.loading import memory_status  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
+from kt_sft.integration.memory_report import memory_status  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
 
 # Module classes of the split; matched on the module's qualified name (PEFT-wrapped names included).
 EXPERTS, SHARED_MLP, ATTENTION = "routed_experts", "shared_and_dense_mlp", "attention"

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from kt_sft.integration import memory_report
+
 PEFT_ROOT_PREFIX = "base_model.model."  # a PeftModel's path to the model it wraps
 
 
@@ -184,9 +186,7 @@ class ExpertLoraSync:
         if not any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
             return
         self.check_rank_identical()
-        from kt_sft.integration import loading
-
-        loading.note_pack_memory()  # every rank is alive here: the check above was a collective
+        memory_report.note_pack_memory()  # every rank is alive here: the check above was a collective
 
     def checksum(self) -> str:
         h = hashlib.blake2b(digest_size=16)
