@@ -161,6 +161,11 @@ typedef struct {
     void (*swiglu)(const float *g, const float *u, float *h, int64_t n, int round_bf16);
     float (*swiglu_bwd)(const float *g, const float *u, const float *dhu, float w, float *dg, float *du, int64_t n,
                         int round_bf16);
+    /* Optional (NULL: the scalar loop in kt_moe.c) per-row int8 quantization of the int8 compute mode:
+     * z = v (* scale, elementwise, when scale != NULL), s = max|z| / 127, q = lrint(z / s) as
+     * lrintf(z * (1 / s)) does, zeros to n_pad; returns s, or NaN (and q = 0) for a non-finite row.
+     * Must equal the scalar loop bit for bit. */
+    float (*quantize_row)(const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q);
     /* Task sizes of the layer's products (0: kt_moe.c's defaults): I rows per (expert, block) task
      * in F1 / B1 and H columns per task in F2 / B3. Multiples of 32; never thread-count dependent. */
     int64_t rows_per_task, cols_per_task;
@@ -178,6 +183,7 @@ void kt_tn_q8_scalar(const kt_gemm *g);
 void kt_nt_q8_avx2(const kt_gemm *g);
 void kt_tn_q8_avx2(const kt_gemm *g);
 int64_t kt_q8_avx2_scratch_floats(int64_t N, int64_t K_pad);
+float kt_quantize_row_avx2(const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q);
 void kt_dots_scalar(const float *M, int64_t r, int64_t n, const float *v, float *t);
 void kt_axpy_scalar(float alpha, const float *x, float *y, int64_t n);
 

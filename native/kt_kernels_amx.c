@@ -725,7 +725,7 @@ const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .n
                                    .dots = dots_amx, .axpy = axpy_amx, .scratch_floats = scratch_floats_amx,
                                    .pack_bf16 = pack_bf16_amx, .pack_bf16_scaled = pack_bf16_scaled_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
                                    .swiglu_bwd = kt_swiglu_bwd_avx512, .rows_per_task = AMX_ROWS_PER_TASK,
-                                   .cols_per_task = AMX_COLS_PER_TASK};
+                                   .cols_per_task = AMX_COLS_PER_TASK, .quantize_row = kt_quantize_row_avx2};
 
 #pragma GCC pop_options
 #endif

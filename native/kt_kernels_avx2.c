@@ -647,6 +647,54 @@ void kt_tn_q8_avx2(const kt_gemm *g) {
     }
 }
 
+/* ---- the int8 mode's activation quantization -------------------------------------------------- */
+
+/* kt_kernels.quantize_row, 8 lanes at a time: the same operations as kt_moe.c's scalar loop (max is
+ * exact in any order; z * inv and cvtps2dq's round-to-nearest-even under the default MXCSR are
+ * lrintf's), so bitwise its result. Used by every table on AVX2 CPUs (not the scalar one). */
+float kt_quantize_row_avx2(const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.402823466e38f);
+    __m256 vmax = _mm256_setzero_ps(), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 z = _mm256_loadu_ps(v + i);
+        if (scale) z = _mm256_mul_ps(z, _mm256_loadu_ps(scale + i));
+        const __m256 a = _mm256_and_ps(z, absmask);
+        ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, big, _CMP_LE_OQ));
+        vmax = _mm256_max_ps(vmax, a);
+    }
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, vmax);
+    for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+    int finite = _mm256_movemask_ps(ok) == 0xff;
+    for (int64_t t = i; t < n; t++) {
+        const float a = fabsf(scale ? v[t] * scale[t] : v[t]);
+        finite &= a <= 3.402823466e38f;
+        amax = a > amax ? a : amax;
+    }
+    memset(q + n, 0, (size_t)(n_pad - n));
+    if (!finite) {
+        memset(q, 0, (size_t)n);
+        return NAN;
+    }
+    const float sc = amax / 127.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i r[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 z = _mm256_loadu_ps(v + i + 8 * k);
+            if (scale) z = _mm256_mul_ps(z, _mm256_loadu_ps(scale + i + 8 * k));
+            r[k] = _mm256_cvtps_epi32(_mm256_mul_ps(z, vinv)); /* |.| <= 127: the packs never saturate */
+        }
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; i < n; i++) q[i] = (int8_t)lrintf((scale ? v[i] * scale[i] : v[i]) * inv);
+    return sc;
+}
+
 /* ---- int8 activations on AVX-VNNI: vpdpbusd on ymm (the avx-vnni path) --------------------------- */
 
 /* CPUs with AVX-VNNI (the VEX form of vpdpbusd: Alder Lake and later Intel cores, Zen 5) but without
@@ -881,11 +929,12 @@ static KT_VNNI_Y void tn_q8_avxvnni(const kt_gemm *g) {
 
 const kt_kernels kt_kernels_avx_vnni = {.name = "avx-vnni", .nt = nt_avx2, .tn = tn_avx2, .nt_q8 = nt_q8_avxvnni,
                                         .tn_q8 = tn_q8_avxvnni, .dots = dots_avx2, .axpy = axpy_avx2,
-                                        .scratch_floats = scratch_floats_avx2};
+                                        .scratch_floats = scratch_floats_avx2,
+                                        .quantize_row = kt_quantize_row_avx2};
 
 const kt_kernels kt_kernels_avx2 = {.name = "avx2", .nt = nt_avx2, .tn = tn_avx2, .nt_q8 = kt_nt_q8_avx2,
                                     .tn_q8 = kt_tn_q8_avx2, .dots = dots_avx2, .axpy = axpy_avx2,
-                                    .scratch_floats = scratch_floats_avx2};
+                                    .scratch_floats = scratch_floats_avx2, .quantize_row = kt_quantize_row_avx2};
 
 #pragma GCC pop_options
 #endif

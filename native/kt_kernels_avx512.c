@@ -903,7 +903,8 @@ static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
 #endif
 const kt_kernels KT_TABLE = {.name = KT_TABLE_NAME, .nt = nt_avx512, .tn = tn_avx512, .nt_q8 = nt_q8_avx512,
                              .tn_q8 = tn_q8_avx512, .dots = dots_avx512, .axpy = axpy_avx512,
-                             .scratch_floats = scratch_floats_avx512, KT_SWIGLU};
+                             .scratch_floats = scratch_floats_avx512, KT_SWIGLU,
+                             .quantize_row = kt_quantize_row_avx2};
 
 #pragma GCC pop_options
 #endif

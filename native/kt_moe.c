@@ -136,6 +136,11 @@ static float quantize_act_row(const float *v, int64_t n, int64_t n_pad, int8_t *
     return sc;
 }
 
+/* The table's vectorized quantize_row when it has one (bitwise the loop above), else the loop. */
+static float quantize_row(const moe_job *j, const float *v, int64_t n, int64_t n_pad, int8_t *q) {
+    return j->kern->quantize_row ? j->kern->quantize_row(v, NULL, n, n_pad, q) : quantize_act_row(v, n, n_pad, q);
+}
+
 static int64_t round64(int64_t v) { return (v + 63) & ~(int64_t)63; }
 
 static float to_compute(float v, int mode) { return mode == KT_ACT_BF16 ? kt_round_bf16(v) : v; }
@@ -437,7 +442,7 @@ static void f0_task(void *vj, int64_t task, int tid) {
     block_range(task, TOKENS_PER_TASK, a->T, &t0, &t1);
     convert_rows(a->x, a->x_dtype, a->act_mode, t0, t1, a->H, j->act);
     if (j->q_fwd)
-        for (int64_t t = t0; t < t1; t++) j->xs[t] = quantize_act_row(j->act + t * a->H, a->H, j->xq_ld, j->xq + t * j->xq_ld);
+        for (int64_t t = t0; t < t1; t++) j->xs[t] = quantize_row(j, j->act + t * a->H, a->H, j->xq_ld, j->xq + t * j->xq_ld);
 }
 
 static void f1_task(void *vj, int64_t task, int tid) {
@@ -486,7 +491,7 @@ static void f1q_task(void *vj, int64_t task, int tid) {
     const int64_t I = j->a->I;
     int64_t p0, p1;
     block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
-    for (int64_t p = p0; p < p1; p++) j->hs[p] = quantize_act_row(j->h + p * I, I, j->hq_ld, j->hq + p * j->hq_ld);
+    for (int64_t p = p0; p < p1; p++) j->hs[p] = quantize_row(j, j->h + p * I, I, j->hq_ld, j->hq + p * j->hq_ld);
 }
 
 static void f2_task(void *vj, int64_t task, int tid) {
@@ -565,6 +570,10 @@ static void fold_and_quantize(moe_job *j, int tid, int64_t p, const float *v, co
                               const void *base) {
     const int64_t e = j->a->topk_idx[p], N = L->N;
     const float *d = (const float *)(expert_mat(base, L, e) + L->scales_offset);
+    if (j->kern->quantize_row) {
+        j->zs[p] = j->kern->quantize_row(v, d, N, j->zq_ld, j->zq + p * j->zq_ld);
+        return;
+    }
     float *z = j->scratch + (size_t)tid * j->scratch_floats;
     for (int64_t n = 0; n < N; n++) z[n] = v[n] * d[n];
     j->zs[p] = quantize_act_row(z, N, j->zq_ld, j->zq + p * j->zq_ld);
