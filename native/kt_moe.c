@@ -116,13 +116,14 @@ typedef struct {
     size_t scratch_floats;
 } moe_job;
 
-/* q = round(v / s), s = absmax / 127, zero padding to n_pad. A non-finite row gets s = NaN (its
- * products become NaN, as the float path would give) and q = 0. */
-static float quantize_act_row(const float *v, int64_t n, int64_t n_pad, int8_t *q) {
+/* z = v (* scale elementwise, when scale != NULL), q = round(z / s), s = absmax / 127, zero padding
+ * to n_pad. A non-finite row gets s = NaN (its products become NaN, as the float path would give) and
+ * q = 0. The reference for the tables' quantize_row (kt_kernels_avx2.c), which must match it bitwise. */
+static float quantize_act_row(const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q) {
     float amax = 0.0f;
     int finite = 1;
     for (int64_t i = 0; i < n; i++) {
-        const float a = fabsf(v[i]);
+        const float a = fabsf(scale ? v[i] * scale[i] : v[i]);
         finite &= a <= 3.402823466e38f;
         amax = a > amax ? a : amax;
     }
@@ -132,13 +133,13 @@ static float quantize_act_row(const float *v, int64_t n, int64_t n_pad, int8_t *
         return NAN;
     }
     const float sc = amax / 127.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-    for (int64_t i = 0; i < n; i++) q[i] = (int8_t)lrintf(v[i] * inv);
+    for (int64_t i = 0; i < n; i++) q[i] = (int8_t)lrintf((scale ? v[i] * scale[i] : v[i]) * inv);
     return sc;
 }
 
-/* The table's vectorized quantize_row when it has one (bitwise the loop above), else the loop. */
-static float quantize_row(const moe_job *j, const float *v, int64_t n, int64_t n_pad, int8_t *q) {
-    return j->kern->quantize_row ? j->kern->quantize_row(v, NULL, n, n_pad, q) : quantize_act_row(v, n, n_pad, q);
+/* The table's vectorized quantize_row when it has one, else the loop above. */
+static float quantize_row(const moe_job *j, const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q) {
+    return (j->kern->quantize_row ? j->kern->quantize_row : quantize_act_row)(v, scale, n, n_pad, q);
 }
 
 static int64_t round64(int64_t v) { return (v + 63) & ~(int64_t)63; }
@@ -442,7 +443,7 @@ static void f0_task(void *vj, int64_t task, int tid) {
     block_range(task, TOKENS_PER_TASK, a->T, &t0, &t1);
     convert_rows(a->x, a->x_dtype, a->act_mode, t0, t1, a->H, j->act);
     if (j->q_fwd)
-        for (int64_t t = t0; t < t1; t++) j->xs[t] = quantize_row(j, j->act + t * a->H, a->H, j->xq_ld, j->xq + t * j->xq_ld);
+        for (int64_t t = t0; t < t1; t++) j->xs[t] = quantize_row(j, j->act + t * a->H, NULL, a->H, j->xq_ld, j->xq + t * j->xq_ld);
 }
 
 static void f1_task(void *vj, int64_t task, int tid) {
@@ -491,7 +492,7 @@ static void f1q_task(void *vj, int64_t task, int tid) {
     const int64_t I = j->a->I;
     int64_t p0, p1;
     block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
-    for (int64_t p = p0; p < p1; p++) j->hs[p] = quantize_row(j, j->h + p * I, I, j->hq_ld, j->hq + p * j->hq_ld);
+    for (int64_t p = p0; p < p1; p++) j->hs[p] = quantize_row(j, j->h + p * I, NULL, I, j->hq_ld, j->hq + p * j->hq_ld);
 }
 
 static void f2_task(void *vj, int64_t task, int tid) {
@@ -566,24 +567,18 @@ static void b0_task(void *vj, int64_t task, int tid) {
 }
 
 /* z[p] = v[p] * d_e (the weights' per-row scales of the matrix the next product reads), quantized. */
-static void fold_and_quantize(moe_job *j, int tid, int64_t p, const float *v, const kt_matrix_layout *L,
-                              const void *base) {
+static void fold_and_quantize(moe_job *j, int64_t p, const float *v, const kt_matrix_layout *L, const void *base) {
     const int64_t e = j->a->topk_idx[p], N = L->N;
     const float *d = (const float *)(expert_mat(base, L, e) + L->scales_offset);
-    if (j->kern->quantize_row) {
-        j->zs[p] = j->kern->quantize_row(v, d, N, j->zq_ld, j->zq + p * j->zq_ld);
-        return;
-    }
-    float *z = j->scratch + (size_t)tid * j->scratch_floats;
-    for (int64_t n = 0; n < N; n++) z[n] = v[n] * d[n];
-    j->zs[p] = quantize_act_row(z, N, j->zq_ld, j->zq + p * j->zq_ld);
+    j->zs[p] = quantize_row(j, v, d, N, j->zq_ld, j->zq + p * j->zq_ld);
 }
 
 static void b0q_task(void *vj, int64_t task, int tid) {
+    (void)tid;
     moe_job *j = vj;
     int64_t p0, p1;
     block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
-    for (int64_t p = p0; p < p1; p++) fold_and_quantize(j, tid, p, j->act + (p / j->a->k) * j->a->H, &j->Ld, j->a->down);
+    for (int64_t p = p0; p < p1; p++) fold_and_quantize(j, p, j->act + (p / j->a->k) * j->a->H, &j->Ld, j->a->down);
 }
 
 static void b1_task(void *vj, int64_t task, int tid) {
@@ -597,6 +592,7 @@ static void b1_task(void *vj, int64_t task, int tid) {
 }
 
 static void b2_task(void *vj, int64_t task, int tid) {
+    (void)tid;
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
     const int64_t I = a->I;
@@ -620,7 +616,7 @@ static void b2_task(void *vj, int64_t task, int tid) {
             }
         }
         a->dw[p] = dot;
-        if (j->q_bwd) fold_and_quantize(j, tid, p, dg, &j->Lgu, a->gate_up);
+        if (j->q_bwd) fold_and_quantize(j, p, dg, &j->Lgu, a->gate_up);
     }
 }
 
