@@ -45,6 +45,45 @@ uint16_t kt_f32_to_fp16(float f);
 
 static inline float kt_silu(float g) { return g / (1.0f + expf(-g)); }
 
+/* ---- the int8 mode's row quantization ------------------------------------------------------ */
+
+/* z = v (* scale elementwise), s = max|z| / 127, q = lrint(z * (1 / s)): the scalar pieces of
+ * kt_moe.c's reference loop, shared with the tables' vectorized quantize_row (which runs them on the
+ * elements past its last full vector), so both stay the same operations. */
+static inline float kt_quant_z(const float *v, const float *scale, int64_t i) {
+    return scale ? v[i] * scale[i] : v[i];
+}
+
+/* Folds max |z| over [i0, n) into *amax; clears *finite when a z is not finite. */
+static inline void kt_quant_absmax(const float *v, const float *scale, int64_t i0, int64_t n, float *amax,
+                                   int *finite) {
+    for (int64_t i = i0; i < n; i++) {
+        const float a = fabsf(kt_quant_z(v, scale, i));
+        *finite &= a <= 3.402823466e38f;
+        *amax = a > *amax ? a : *amax;
+    }
+}
+
+/* Zeroes q's padding [n, n_pad) and sets the row scale *sc and *inv = 1 / *sc; a non-finite row gets
+ * *sc = NaN and q = 0 (returns 0: nothing left to round). */
+static inline int kt_quant_scale(float amax, int finite, int64_t n, int64_t n_pad, int8_t *q, float *sc,
+                                 float *inv) {
+    memset(q + n, 0, (size_t)(n_pad - n));
+    if (!finite) {
+        memset(q, 0, (size_t)n);
+        *sc = NAN;
+        return 0;
+    }
+    *sc = amax / 127.0f;
+    *inv = *sc > 0.0f ? 1.0f / *sc : 0.0f;
+    return 1;
+}
+
+static inline void kt_quant_round(const float *v, const float *scale, int64_t i0, int64_t n, float inv,
+                                  int8_t *q) {
+    for (int64_t i = i0; i < n; i++) q[i] = (int8_t)lrintf(kt_quant_z(v, scale, i) * inv);
+}
+
 /* ---- packed matrix geometry ---------------------------------------------------------------- */
 
 typedef struct {

@@ -667,17 +667,9 @@ float kt_quantize_row_avx2(const float *v, const float *scale, int64_t n, int64_
     _mm256_storeu_ps(lanes, vmax);
     for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
     int finite = _mm256_movemask_ps(ok) == 0xff;
-    for (int64_t t = i; t < n; t++) {
-        const float a = fabsf(scale ? v[t] * scale[t] : v[t]);
-        finite &= a <= 3.402823466e38f;
-        amax = a > amax ? a : amax;
-    }
-    memset(q + n, 0, (size_t)(n_pad - n));
-    if (!finite) {
-        memset(q, 0, (size_t)n);
-        return NAN;
-    }
-    const float sc = amax / 127.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+    kt_quant_absmax(v, scale, i, n, &amax, &finite);
+    float sc, inv;
+    if (!kt_quant_scale(amax, finite, n, n_pad, q, &sc, &inv)) return sc;
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     i = 0;
@@ -691,7 +683,7 @@ float kt_quantize_row_avx2(const float *v, const float *scale, int64_t n, int64_
         const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(r[0], r[1]), _mm256_packs_epi32(r[2], r[3]));
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(b, order));
     }
-    for (; i < n; i++) q[i] = (int8_t)lrintf((scale ? v[i] * scale[i] : v[i]) * inv);
+    kt_quant_round(v, scale, i, n, inv, q);
     return sc;
 }
 

@@ -120,20 +120,10 @@ typedef struct {
  * to n_pad. A non-finite row gets s = NaN (its products become NaN, as the float path would give) and
  * q = 0. The reference for the tables' quantize_row (kt_kernels_avx2.c), which must match it bitwise. */
 static float quantize_act_row(const float *v, const float *scale, int64_t n, int64_t n_pad, int8_t *q) {
-    float amax = 0.0f;
+    float amax = 0.0f, sc, inv;
     int finite = 1;
-    for (int64_t i = 0; i < n; i++) {
-        const float a = fabsf(scale ? v[i] * scale[i] : v[i]);
-        finite &= a <= 3.402823466e38f;
-        amax = a > amax ? a : amax;
-    }
-    memset(q + n, 0, (size_t)(n_pad - n));
-    if (!finite) {
-        memset(q, 0, (size_t)n);
-        return NAN;
-    }
-    const float sc = amax / 127.0f, inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-    for (int64_t i = 0; i < n; i++) q[i] = (int8_t)lrintf((scale ? v[i] * scale[i] : v[i]) * inv);
+    kt_quant_absmax(v, scale, 0, n, &amax, &finite);
+    if (kt_quant_scale(amax, finite, n, n_pad, q, &sc, &inv)) kt_quant_round(v, scale, 0, n, inv, q);
     return sc;
 }
 
