@@ -40,6 +40,10 @@ static inline uint16_t kt_f32_to_bf16(float f) {
 
 static inline float kt_round_bf16(float f) { return kt_bf16_to_f32(kt_f32_to_bf16(f)); }
 
+/* swiglu_bwd's rounding flags (kt_kernels.swiglu_bwd) */
+#define KT_ROUND_H 1
+#define KT_ROUND_GRAD 2
+
 float kt_fp16_to_f32(uint16_t h);
 uint16_t kt_f32_to_fp16(float f);
 
@@ -185,8 +189,7 @@ typedef struct {
     void (*pack_bf16)(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst);
     /* Optional, the same for tn (KT_PACK_TILES) as two bf16 operands v = hi + lo + O(2^-17 |v|),
      * v = rows[m][c] * scale[c]: int8 weights in the bf16 mode (scale: the row scales of the matrix
-     * tn reads, which vary along its contraction; tn then needs the exact quants only), and int4
-     * weights in the int8 mode, whose backward keeps fp32 activations (scale NULL: 1). */
+     * tn reads, which vary along its contraction; tn then needs the exact quants only). */
     void (*pack_bf16_scaled)(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
                              uint16_t *lo);
     /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a
@@ -195,11 +198,13 @@ typedef struct {
     void (*pack_q8)(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst);
     /* Optional elementwise SwiGLU (NULL: the scalar loops in kt_moe.c), round_bf16 = the bf16 mode:
      *   swiglu:     h[i] = r(silu(g[i]) * u[i])
-     *   swiglu_bwd: s = sigmoid(g), dg[i] = r(w dhu[i] u s (1 + g (1 - s))), du[i] = r(w dhu[i] g s);
-     *               returns sum_i r(g s u) dhu[i]   (r: rounding to bf16 when round_bf16) */
+     *   swiglu_bwd: s = sigmoid(g), dg[i] = rg(w dhu[i] u s (1 + g (1 - s))), du[i] = rg(w dhu[i] g s);
+     *               returns sum_i rh(g s u) dhu[i]
+     * (r: rounding to bf16 when round_bf16; swiglu_bwd's `round` holds KT_ROUND_H for rh and
+     * KT_ROUND_GRAD for rg: the bf16 mode sets both, the int8 mode with int4 weights only the latter) */
     void (*swiglu)(const float *g, const float *u, float *h, int64_t n, int round_bf16);
     float (*swiglu_bwd)(const float *g, const float *u, const float *dhu, float w, float *dg, float *du, int64_t n,
-                        int round_bf16);
+                        int round);
     /* Optional (NULL: the scalar loop in kt_moe.c) per-row int8 quantization of the int8 compute mode:
      * z = v (* scale, elementwise, when scale != NULL), s = max|z| / 127, q = lrint(z / s) as
      * lrintf(z * (1 / s)) does, zeros to n_pad; returns s, or NaN (and q = 0) for a non-finite row.

@@ -20,9 +20,7 @@
  * The int8 compute mode: int8 weights multiply on AMX-INT8 tiles (tdpbssd, below); int4 weights
  * run the forward on AMX-BF16 tiles, one 32-column step per 32-block with the int8 activations and
  * the quants exact in bf16 and each block's sums folded with its scale (nt_q8_int4_amx), and the
- * backward -- whose activations that mode keeps in fp32 -- with the activations as hi + lo too:
- * three products (hi x hi,
- * hi x lo, lo x hi; lo x lo, below 2^-18 of a term, is left out), so ~2^-17 of fp32 per term.
+ * backward -- whose gradients that mode rounds to bf16 for int4 -- as the bf16 mode's tn.
  * The f32 compute mode uses the avx512 table's kernels (avx2's when that table is absent).
  */
 #include "kt_internal.h"
@@ -220,11 +218,7 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
             if (na > 1) _tile_loadd(5, a1l + ao, as);
             KT_DP4();
         }
-        if (split_b) { /* A x B_lo (with split_a too: A_hi again; A_lo x B_lo, ~2^-18, is left out) */
-            if (split_a) {
-                _tile_loadd(4, a0 + ao, as);
-                if (na > 1) _tile_loadd(5, a1 + ao, as);
-            }
+        if (split_b) { /* A x B_lo (never both splits: callers split one operand) */
             _tile_loadd(6, b0l + bo, bs);
             if (nb > 1) _tile_loadd(7, b1l + bo, bs);
             KT_DP4();
@@ -435,9 +429,8 @@ static void tn_amx(const kt_gemm *g) {
     }
     kt_amx_tiles_on();
     const int64_t N32 = round32(L->N), Mb = (g->M + 15) / 16;
-    /* A as hi + lo (a_bf16_lo): int8 -- B the exact quants; int4 (fp32 activations) -- B hi + lo
-     * too, three products */
-    const int scaled = g->a_bf16_lo != NULL && L->format != KT_FORMAT_BF16;
+    /* int8: A as hi + lo (a_bf16_lo), B the exact quants; int4: A bf16, B hi + lo */
+    const int scaled = g->a_bf16_lo != NULL && L->format == KT_FORMAT_INT8;
     const int split = L->format == KT_FORMAT_INT4;
     const int seg = Mb <= TNS_MB;
     const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
@@ -462,8 +455,7 @@ static void tn_amx(const kt_gemm *g) {
                     const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
                     float *c = seg ? cbuf + mb * c_ld + t * 256 : cbuf;
                     const float *cin = n0 > 0 ? c : NULL;
-                    if (split && scaled) KT_BLOCK_DISPATCH(na, nb, 1, 1, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
-                    else if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
                     else if (scaled) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, NULL, NULL, 1024, 64, cin, c, c_ld);
                     else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
                     if (!last) continue;

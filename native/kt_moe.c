@@ -15,8 +15,9 @@
  * In the int8 compute mode the products read int8 activation rows with one scale each: x per token
  * (F0), h per pair (F1q), and in the backward -- int8 weights only -- the incoming gradients with the
  * weights' per-row scales folded in, per pair (B0q: dy * d_down, B2q: dgu * d_gate_up), so the
- * integer sums need no scale inside them. int4 weights keep fp32 activations in the backward
- * (tables with pack_bf16_scaled take them as prepared hi + lo bf16 operands, B0p / B2p).
+ * integer sums need no scale inside them. With int4 weights, whose per-block scales vary along the
+ * backward's sums, the backward's gradients (dy, dgu) are rounded to bf16 as in the bf16 mode and
+ * take the bf16 mode's products (prepared by B0p / B2p where the table has pack_bf16).
  *
  * LoRA (lora_r > 0; B maps a product's input to rank r, A maps rank r to its output, s the scale):
  *   F0L tg[p] = B_gu[e] xa[t]                     F1  gu[p] += s A_gu[e]^T tg[p]   (before h)
@@ -93,6 +94,7 @@ typedef struct {
     float *h;         /* (P, I) */
     float *dgu;       /* (P, 2I) */
     int q_fwd, q_bwd; /* int8 activations in the forward / backward products */
+    int grad_mode;    /* the backward's gradients (dy, dgu): act_mode, or bf16 for int8 mode + int4 */
     int64_t xq_ld, hq_ld, zq_ld;  /* row strides (bytes) of the quantized buffers, multiples of 64 */
     int8_t *xq, *hq, *zq;         /* (T, xq_ld) x; (P, hq_ld) h; (P, zq_ld) folded gradients */
     float *xs, *hs, *zs;          /* their row scales */
@@ -153,6 +155,9 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "compute mode int8 needs int8 or int4 weights, not bf16");
     j->q_fwd = a->act_mode == KT_ACT_INT8;
     j->q_bwd = j->q_fwd && backward && a->format == KT_FORMAT_INT8;
+    /* int8 mode, int4 weights: the per-block scales vary along the backward's sums, so its gradients
+     * cannot be folded and quantized per pair; they are rounded to bf16 as in the bf16 mode */
+    j->grad_mode = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 ? KT_ACT_BF16 : a->act_mode;
     int rc = kt_matrix_layout_of(a->format, 2 * a->I, a->H, &j->Lgu);
     if (rc) return rc;
     rc = kt_matrix_layout_of(a->format, a->H, a->I, &j->Ld);
@@ -176,14 +181,10 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "LoRA rank %lld without its four matrices", (long long)j->r);
     if (j->r > 0 && backward && (!a->x || !a->grad_gu_a || !a->grad_gu_b || !a->grad_d_a || !a->grad_d_b))
         KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
-    j->prep = a->act_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
+    j->prep = (backward ? j->grad_mode : a->act_mode) == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
     j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
-    /* int8 mode, int4 weights: the backward's activations stay fp32; tables with pack_bf16_scaled
-     * take them as hi + lo bf16 operands (scale 1) */
-    if (backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_bf16_scaled != NULL)
-        j->prep = j->prep_scaled = 1;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
     const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 ? ((P + 15) / 16 + E) * 16 : 0;
@@ -552,7 +553,7 @@ static void b0_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     int64_t t0, t1;
     block_range(task, TOKENS_PER_TASK, j->a->T, &t0, &t1);
-    convert_rows(j->a->dy, j->a->dy_dtype, j->a->act_mode, t0, t1, j->a->H, j->act);
+    convert_rows(j->a->dy, j->a->dy_dtype, j->grad_mode, t0, t1, j->a->H, j->act);
     if (j->xa) convert_rows(j->a->x, j->a->x_dtype, j->a->act_mode, t0, t1, j->a->H, j->xa);
 }
 
@@ -586,7 +587,9 @@ static void b2_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
     const kt_moe_args *a = j->a;
     const int64_t I = a->I;
-    const int mode = a->act_mode == KT_ACT_BF16 ? KT_ACT_BF16 : KT_ACT_F32;
+    const int hmode = a->act_mode == KT_ACT_BF16 ? KT_ACT_BF16 : KT_ACT_F32;
+    const int gmode = j->grad_mode == KT_ACT_BF16 ? KT_ACT_BF16 : KT_ACT_F32;
+    const int round = (hmode == KT_ACT_BF16 ? KT_ROUND_H : 0) | (gmode == KT_ACT_BF16 ? KT_ROUND_GRAD : 0);
     int64_t p0, p1;
     block_range(task, PAIRS_PER_TASK, j->P, &p0, &p1);
     for (int64_t p = p0; p < p1; p++) {
@@ -595,14 +598,14 @@ static void b2_task(void *vj, int64_t task, int tid) {
         const float w = a->topk_w[p];
         float dot = 0.0f;
         if (j->kern->swiglu_bwd) {
-            dot = j->kern->swiglu_bwd(gp, up, dhu, w, dg, du, I, mode == KT_ACT_BF16);
+            dot = j->kern->swiglu_bwd(gp, up, dhu, w, dg, du, I, round);
         } else {
             for (int64_t i = 0; i < I; i++) {
                 const float g = gp[i], u = up[i], s = 1.0f / (1.0f + expf(-g));
-                dot += to_compute(g * s * u, mode) * dhu[i];
+                dot += to_compute(g * s * u, hmode) * dhu[i];
                 const float dh = w * dhu[i];
-                dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), mode);
-                du[i] = to_compute(dh * g * s, mode);
+                dg[i] = to_compute(dh * u * s * (1.0f + g * (1.0f - s)), gmode);
+                du[i] = to_compute(dh * g * s, gmode);
             }
         }
         a->dw[p] = dot;

@@ -65,11 +65,11 @@ float kt_swiglu_bwd_avx512(const float *g, const float *u, const float *dhu, flo
         const __m512 dv = _mm512_maskz_loadu_ps(k, dhu + i);
         const __m512 s = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
         const __m512 gs = _mm512_mul_ps(gv, s);
-        dot = _mm512_fmadd_ps(maybe_round(_mm512_mul_ps(gs, uv), round), dv, dot);
+        dot = _mm512_fmadd_ps(maybe_round(_mm512_mul_ps(gs, uv), round & KT_ROUND_H), dv, dot);
         const __m512 dh = _mm512_mul_ps(wv, dv);
         const __m512 dsilu = _mm512_mul_ps(s, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one));
-        _mm512_mask_storeu_ps(dg + i, k, maybe_round(_mm512_mul_ps(_mm512_mul_ps(dh, uv), dsilu), round));
-        _mm512_mask_storeu_ps(du + i, k, maybe_round(_mm512_mul_ps(dh, gs), round));
+        _mm512_mask_storeu_ps(dg + i, k, maybe_round(_mm512_mul_ps(_mm512_mul_ps(dh, uv), dsilu), round & KT_ROUND_GRAD));
+        _mm512_mask_storeu_ps(du + i, k, maybe_round(_mm512_mul_ps(dh, gs), round & KT_ROUND_GRAD));
     }
     return _mm512_reduce_add_ps(dot);
 }

@@ -10,10 +10,15 @@ from kt_sft.engine import reference as R
 from kt_sft.engine.formats import ComputeMode, Format
 
 # vs the twin: only fp32 rounding in sums and scale products (measured ~1e-7), plus rare one-quantum
-# flips where the engine's fp32 h and the twin's float64 h straddle a rounding boundary. The amx path's
-# int4 backward multiplies its fp32 activations as bf16 hi + lo pairs (three tile products): measured
-# 3.5e-6 to 5.4e-6 against the twin at H = 512 and 2048 (avx512: 4e-7 to 9e-7).
+# flips where the engine's fp32 h and the twin's float64 h straddle a rounding boundary.
 TWIN_REL_ERR = 1e-5
+# int4 weights' dx: the backward rounds dy and dgu to bf16 (as the bf16 mode does), and where the
+# engine's fp32 dgu and the twin's float64 one straddle a bf16 rounding boundary the two round one
+# bf16 ulp (2^-8 relative) apart. Each element flips with probability ~ (fp32 error) / 2^-8, so the
+# relative error is ~ sqrt(flip rate) * 2^-8 and grows with the number of elements: measured over
+# 10 seeds, worst 3.5e-5 at this test's shapes, 1.05e-4 at H = 2048, I = 512, 384 pairs (scalar and
+# avx512; amx 5.2e-5). An indexing or tail bug is an O(1) error.
+TWIN_BF16_GRAD_REL_ERR = 5e-4
 # vs float64 without activation quantization: per-token int8 activations cost ~1% per product.
 INT8_MODE_REL_ERR = {Format.INT8: 4e-2, Format.INT4: 4e-2}
 
@@ -39,7 +44,9 @@ def test_int8_mode(kernel_path, fmt, e, h, inter, t, k, routing, seed):
     y_twin = R.moe_forward_int8(x, idx, w, gu, dn)
     dx_twin, dw_twin = R.moe_backward_int8(x, idx, w, gu, dn, dy, fmt)
     errs = {"y": rel_err(y, y_twin), "dx": rel_err(xx.grad, dx_twin), "dw": rel_err(ww.grad, dw_twin)}
-    assert max(errs.values()) <= TWIN_REL_ERR, errs
+    bound = {"y": TWIN_REL_ERR, "dw": TWIN_REL_ERR,
+             "dx": TWIN_BF16_GRAD_REL_ERR if fmt is Format.INT4 else TWIN_REL_ERR}
+    assert all(errs[n] <= bound[n] for n in errs), (errs, bound)
 
     args = (x.double(), idx, w.double(), gu.double(), dn.double())
     y_ref = R.moe_forward(*args)

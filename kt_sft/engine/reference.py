@@ -145,9 +145,15 @@ def moe_forward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj):
     return y
 
 
+def _round_bf16(v: torch.Tensor) -> torch.Tensor:
+    """float64 -> the engine's fp32 value rounded to bf16 (nearest even), back in float64."""
+    return v.float().bfloat16().double()
+
+
 def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, fmt):
     """Twin of the engine's int8-mode backward: for int8 weights the incoming gradients, with the
-    weights' per-row scales folded in, are quantized per pair; int4 weights use exact activations."""
+    weights' per-row scales folded in, are quantized per pair; for int4 weights (per-block scales
+    along the backward's sums) the gradients dy and dgu are rounded to bf16, as in the bf16 mode."""
     inter = down_proj.shape[2]
     x64, w64, dy64 = x.double(), top_k_weights.double(), dy.double()
     xq, xs = quantize_activations(x)
@@ -167,7 +173,7 @@ def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy
             zq, zs = quantize_activations(dy64[tok] * dd[e])
             dhu = (zq.double() @ dq[e]) * zs[:, None].double()
         else:
-            dhu = dy64[tok] @ down_proj[e].double()
+            dhu = _round_bf16(dy64[tok]) @ down_proj[e].double()
         dw[tok, slot] = (h * dhu).sum(dim=1)
         dh = dhu * w64[tok, slot, None]
         dgu = torch.cat([dh * u * s * (1 + g * (1 - s)), dh * g * s], dim=1)
@@ -175,5 +181,5 @@ def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy
             zq, zs = quantize_activations(dgu * gd[e])
             dx.index_add_(0, tok, (zq.double() @ gq[e]) * zs[:, None].double())
         else:
-            dx.index_add_(0, tok, dgu @ gate_up_proj[e].double())
+            dx.index_add_(0, tok, _round_bf16(dgu) @ gate_up_proj[e].double())
     return dx, dw

@@ -109,7 +109,7 @@ _BOUND_BY = {
     ("avx512-simde", "f32"): "fma_ymm", ("avx512-simde", "bf16"): "fma_ymm",  # emulated on ymm
     ("amx", "f32"): "fma_zmm", ("amx", "bf16"): "amx_bf16",
     # vpdpbusd where the CPU has AVX512-VNNI (without it the table runs the avx2 vpmaddwd kernels and
-    # the dpbusd_zmm peak reads None); int4 packs' backward in this mode runs on the fp32 FMA kernels.
+    # the dpbusd_zmm peak reads None); int4 packs' backward in this mode is the bf16 mode's (FMA kernels).
     ("avx512", "int8"): "dpbusd_zmm",
     ("avx2", "int8"): "maddwd_ymm",
     # the avx2 table with AVX-VNNI's ymm vpdpbusd for the int8 mode
