@@ -147,6 +147,9 @@ typedef struct {
     /* tn after pack_bf16_scaled: a_bf16 holds hi and this lo (int8 weights: the rows times the
      * weights' row scales, so tn multiplies by the quants alone; int4: the fp32 rows). */
     const uint16_t *a_bf16_lo;
+    /* The M fp32 rows again as prepared by the job through the table's pack_f32 (f32 and bf16
+     * compute modes, tables with pack_f32), in that table's own layout; else NULL. */
+    const float *a_f32;
 } kt_gemm;
 
 /* Layouts of a prepared bf16 operand of M rows (m) by C columns (the contraction), M16 = M
@@ -196,6 +199,9 @@ typedef struct {
      * multiple of 64 already), handed over as kt_gemm.a_q8. With int4 weights, the forward's rows in
      * layout KT_PACK_VNNI_BF16 (dst: uint16 at the bf16 operand's place), handed over as a_bf16. */
     void (*pack_q8)(const int8_t *const *rows, int64_t M, int64_t C, int layout, int8_t *dst);
+    /* Optional (tables without pack_bf16): the f32 / bf16 modes' float rows into the table's own
+     * fp32 layout for nt / tn (kt_gemm.a_f32), at most M x round32(C) floats at dst, none past them. */
+    void (*pack_f32)(const float *const *rows, int64_t M, int64_t C, float *dst);
     /* Optional elementwise SwiGLU (NULL: the scalar loops in kt_moe.c), round_bf16 = the bf16 mode:
      *   swiglu:     h[i] = r(silu(g[i]) * u[i])
      *   swiglu_bwd: s = sigmoid(g), dg[i] = rg(w dhu[i] u s (1 + g (1 - s))), du[i] = rg(w dhu[i] g s);

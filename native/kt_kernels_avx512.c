@@ -218,22 +218,23 @@ static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t
  * Step k's two panel vectors come from the panel P (fmt < 0), or straight from row k of the packed
  * matrix of format fmt at columns c0 and c1 (dequantized in registers: the transposed product with few
  * tokens). Always inlined with constant R and fmt, so each instance gets its own loop. */
-static inline __attribute__((always_inline)) void ukernel_any(int R, int64_t Kc, const float *const *a, const float *P,
-                                                              int fmt, const kt_matrix_layout *L, const uint8_t *w,
-                                                              int64_t c0, int64_t c1, float (*c)[NR], int load) {
+static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int64_t Kc, const float *const *a, const float *Ap,
+                                                              const float *P, int fmt, const kt_matrix_layout *L,
+                                                              const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR],
+                                                              int load) {
     /* Named accumulators, not an array: the asm operands of FMA_BCAST would pin an array in memory. */
 #define KT_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define KT_INIT(i)                                                                                  \
     zf c##i##a = ZMM(setzero_ps)(), c##i##b = ZMM(setzero_ps)();                                    \
-    const float *a##i = (i) < R ? a[(i) < R ? (i) : 0] : NULL;                                      \
+    const float *a##i = (i) < R && !packed ? a[(i) < R ? (i) : 0] : NULL;                           \
     if ((i) < R && load) {                                                                          \
         c##i##a = ZMM(loadu_ps)(c[i]);                                                              \
         c##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
     }
 #define KT_STEP(i)                                                                                  \
     if ((i) < R) {                                                                                  \
-        FMA_BCAST(c##i##a, p0, a##i + k);                                                           \
-        FMA_BCAST(c##i##b, p1, a##i + k);                                                           \
+        FMA_BCAST(c##i##a, p0, packed ? Ap + k * R + (i) : a##i + k);                               \
+        FMA_BCAST(c##i##b, p1, packed ? Ap + k * R + (i) : a##i + k);                               \
     }
 #define KT_STORE(i)                                                                                 \
     if ((i) < R) {                                                                                  \
@@ -255,24 +256,28 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int64_t Kc,
 }
 
 typedef void (*ukernel_fn)(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load);
+typedef void (*ukernel_packed_fn)(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load);
 typedef void (*ukernel_direct_fn)(int64_t N, const float *const *a, const kt_matrix_layout *L, const uint8_t *w,
                                   int64_t c0, int64_t c1, float (*c)[NR]);
 
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
-        ukernel_any(R, Kc, a, P, -1, NULL, NULL, 0, 0, c, load);                                                 \
+        ukernel_any(R, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                           \
+    }                                                                                                           \
+    static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
+        ukernel_any(R, 1, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                          \
     }                                                                                                           \
     static void ukernel_direct_bf16_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, N, a, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
     }                                                                                                           \
     static void ukernel_direct_int8_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, N, a, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
     }                                                                                                           \
     static void ukernel_direct_int4_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, N, a, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
     }
 KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UKERNELS(6)
 KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
@@ -282,6 +287,9 @@ _Static_assert(MR == 12, "the tables below list one kernel per tile height 1..MR
 static const ukernel_fn ukernels[MR + 1] = {NULL, ukernel_1, ukernel_2, ukernel_3, ukernel_4, ukernel_5,
                                             ukernel_6, ukernel_7, ukernel_8, ukernel_9, ukernel_10, ukernel_11,
                                             ukernel_12};
+static const ukernel_packed_fn ukernels_packed[MR + 1] = {
+    NULL, ukernel_packed_1, ukernel_packed_2, ukernel_packed_3, ukernel_packed_4, ukernel_packed_5, ukernel_packed_6,
+    ukernel_packed_7, ukernel_packed_8, ukernel_packed_9, ukernel_packed_10, ukernel_packed_11, ukernel_packed_12};
 #define KT_DIRECT_TABLE(F)                                                                                      \
     {NULL, ukernel_direct_##F##_1, ukernel_direct_##F##_2, ukernel_direct_##F##_3, ukernel_direct_##F##_4,      \
      ukernel_direct_##F##_5, ukernel_direct_##F##_6, ukernel_direct_##F##_7, ukernel_direct_##F##_8,            \
@@ -346,6 +354,69 @@ static void panel_times_rows(const kt_gemm *g, const float *P, int64_t Kc, int64
             }
         }
         write_tile(g, mc, mlen, cbuf, col, width);
+    }
+}
+
+/* The same over the job's prepared operand (kt_gemm.a_f32, pack_f32_avx512 below): tile t of
+ * tile_of(M) at a_f32 + m0 * Cr, its rows' elements k at k * rows + i, so a step's broadcasts read
+ * one contiguous run instead of `rows` separate streams. Tiles go MC / MR at a time (the C buffer);
+ * each output's sum runs over k in the same order as above, so the results are the same bits. */
+static void panel_times_packed(const kt_gemm *g, const float *P, int64_t Kc, int64_t Cr, int64_t col, int64_t width,
+                               float (*cbuf)[NR]) {
+    const int64_t tiles = (g->M + MR - 1) / MR;
+    for (int64_t t0 = 0; t0 < tiles; t0 += MC / MR) {
+        const int64_t t1 = tiles - t0 < MC / MR ? tiles : t0 + MC / MR;
+        int64_t first, rows, last;
+        tile_of(g->M, t0, &first, &rows);
+        tile_of(g->M, t1 - 1, &last, &rows);
+        last += rows;
+        for (int64_t k0 = 0; k0 < Kc; k0 += KC) {
+            const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
+            for (int64_t t = t0; t < t1; t++) {
+                int64_t m0;
+                tile_of(g->M, t, &m0, &rows);
+                ukernels_packed[rows](kl, g->a_f32 + m0 * Cr + k0 * rows, P + k0 * NR, cbuf + (m0 - first), k0 > 0);
+            }
+        }
+        write_tile(g, first, last - first, cbuf, col, width);
+    }
+}
+
+/* Rows (M x C fp32) -> the prepared operand panel_times_packed reads: per tile of tile_of(M) (R <= MR
+ * rows, from m0) Cr = C rounded up to 32 columns, element (k, i) at dst[m0 * Cr + k * R + i], zero
+ * past C. 16 columns at a time: R rows loaded (zero-padded past C), transposed in registers, and the
+ * first R lanes of each column stored; a full 16-lane store whose extra lanes the next store
+ * overwrites, except the tile's last (copied R lanes only, so nothing is written past the tile). */
+static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, float *dst) {
+    const int64_t Cr = (C + 31) & ~(int64_t)31, tiles = (M + MR - 1) / MR;
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t m0, R;
+        tile_of(M, t, &m0, &R);
+        float *d = dst + m0 * Cr;
+        for (int64_t c = 0; c < Cr; c += 16) {
+            zf r[16];
+            for (int i = 0; i < 16; i++) {
+                if (i >= R || c >= C) {
+                    r[i] = ZMM(setzero_ps)();
+                } else if (c + 16 <= C) {
+                    r[i] = ZMM(loadu_ps)(rows[m0 + i] + c);
+                } else {
+                    float tail[16] = {0};
+                    memcpy(tail, rows[m0 + i] + c, sizeof(float) * (size_t)(C - c));
+                    r[i] = ZMM(loadu_ps)(tail);
+                }
+            }
+            transpose16(r);
+            for (int j = 0; j < 16; j++) {
+                if (c + j + 1 < Cr) {
+                    ZMM(storeu_ps)(d + (c + j) * R, r[j]);
+                } else {
+                    float last[16];
+                    ZMM(storeu_ps)(last, r[j]);
+                    memcpy(d + (c + j) * R, last, sizeof(float) * (size_t)R);
+                }
+            }
+        }
     }
 }
 
@@ -466,7 +537,8 @@ static void nt_avx512(const kt_gemm *g) {
     for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
         panel_rows_transposed(g->L, g->w, n0, Kr, P);
         const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
-        panel_times_rows(g, P, K, n0 - g->lo, width, cbuf);
+        if (g->a_f32) panel_times_packed(g, P, K, Kr, n0 - g->lo, width, cbuf);
+        else panel_times_rows(g, P, K, n0 - g->lo, width, cbuf);
     }
 }
 
@@ -499,7 +571,8 @@ static void tn_avx512(const kt_gemm *g) {
             continue;
         }
         panel_columns(g->L, g->w, c0, width, P);
-        panel_times_rows(g, P, N, c0 - g->lo, width, cbuf);
+        if (g->a_f32) panel_times_packed(g, P, N, (N + 31) & ~(int64_t)31, c0 - g->lo, width, cbuf);
+        else panel_times_rows(g, P, N, c0 - g->lo, width, cbuf);
     }
 }
 
@@ -903,7 +976,7 @@ static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
 #endif
 const kt_kernels KT_TABLE = {.name = KT_TABLE_NAME, .nt = nt_avx512, .tn = tn_avx512, .nt_q8 = nt_q8_avx512,
                              .tn_q8 = tn_q8_avx512, .dots = dots_avx512, .axpy = axpy_avx512,
-                             .scratch_floats = scratch_floats_avx512, KT_SWIGLU,
+                             .scratch_floats = scratch_floats_avx512, .pack_f32 = pack_f32_avx512, KT_SWIGLU,
                              .quantize_row = kt_quantize_row_avx2};
 
 #pragma GCC pop_options

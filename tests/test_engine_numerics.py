@@ -43,6 +43,7 @@ def run_and_compare(ex: CPUExperts, x, idx, w, mode: ComputeMode):
         (16, 128, 64, 33, 8),
         (64, 96, 40, 29, 6),     # E = 64, DeepSeek-V2-Lite's expert count and top-6
         (4, 33, 7, 5, 4),        # k = E
+        (2, 70, 45, 130, 2),     # 130 rows per expert: avx512's prepared operand in 11 tiles, two C blocks
     ],
 )
 def test_matches_float64_reference(kernel_path, fmt, mode, e, h, inter, t, k, seed):
