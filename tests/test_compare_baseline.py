@@ -84,7 +84,8 @@ def test_summary_ratios_come_from_the_measured_runs():
 
 
 @pytest.mark.parametrize("bad", [{"modes": ("kt_int9",)}, {"warmup_steps": 8, "steps": 8}, {"steps": 0},
-                                 {"memory_cap_gib": -1.0}, {"shape": "llama"}])
+                                 {"memory_cap_gib": -1.0}, {"shape": "llama"}, {"nproc": 0},
+                                 {"nproc": 3, "threads": 2}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(compare.CompareConfigError):
         compare.CompareConfig(**bad)
@@ -118,6 +119,42 @@ def test_llamafactory_args_differ_only_in_model_and_deepspeed(tmp_path):
     kt = compare.llamafactory_args(expert, data, model, tmp_path, "kt_int8")["lora_target"].split(",")
     plain = compare.llamafactory_args(expert, data, model, tmp_path, "plain_eager")["lora_target"].split(",")
     assert kt == [*plain, "experts"] and {"q_proj", "o_proj", "kv_b_proj", "gate_proj", "down_proj"} <= set(plain)
+
+
+def test_several_processes_get_their_share(tmp_path):
+    """--nproc N: N ranks each take `batch` samples per step (so N x the samples), threads // N threads
+    each, ZeRO-3 without use_cpu on a CPU (it fails with several CPU processes otherwise), and the same
+    LoRA targets in every mode without the router (no gradient in plain DeepSeek-V2: DDP would refuse)."""
+    from kt_sft import fixtures
+
+    model = tmp_path / "tiny"
+    fixtures.build_model("deepseek_v2", fixtures.build_tokenizer(300)).save_pretrained(model)
+    cfg = compare.CompareConfig(**{**compare.QUICK, "nproc": 2, "threads": 2})
+    data = {"dataset_dir": "d", "dataset": "x"}
+    one = compare.llamafactory_args(compare.CompareConfig(**compare.QUICK), data, model, tmp_path, "kt_int8")
+    two = compare.llamafactory_args(cfg, data, model, tmp_path, "kt_int8")
+    assert two["max_samples"] == 2 * one["max_samples"] and compare.threads_per_rank(cfg) == 1
+    assert one["lora_target"] == "all" and "q_proj" in two["lora_target"].split(",")
+    assert compare.ROUTER not in two["lora_target"].split(",")
+    assert compare.llamafactory_args(cfg, data, model, tmp_path, "plain_eager")["lora_target"] == two["lora_target"]
+    z3 = compare.llamafactory_args(cfg, data, model, tmp_path, "zero3_offload")
+    if not torch.cuda.is_available():
+        assert z3["use_cpu"] is False and two["use_cpu"] is True
+    spec = {"result": str(tmp_path / "worker.json")}
+    assert compare.result_path(spec, 0) == tmp_path / "worker.json"
+    assert compare.result_path(spec, 1) == tmp_path / "worker.rank1.json"
+
+
+def test_node_memory_counts_every_rank_once():
+    rec = _record("kt_int8", [1.0] * 5, [100] * 5)
+    rec["ranks"] = [{"rank": r, "memory": {}, "steps": [
+        {"step": i + 1, "time_s": t, "cpu_s": t * (0.9 - 0.1 * r), "pss_kib": (3 + r + i % 2) * 2**20}
+        for i, t in enumerate([2.0, 2.0, 1.0, 1.0 + r, 1.0])]} for r in range(2)]
+    m = compare.metrics(rec, warmup_steps=2)
+    assert m["memory"]["node_pss_gib"] == pytest.approx(4 + 5)  # each rank's largest, summed
+    assert [r["median_step_s"] for r in m["ranks"]] == [1.0, 1.0]
+    assert [r["cores_used"] for r in m["ranks"]] == [pytest.approx(0.9), pytest.approx(0.8)]
+    assert compare.metrics(_record("kt_int8", [1.0] * 5, [100] * 5), 2)["memory"]["node_pss_gib"] is None
 
 
 # ---------------------------------------------------------------- the step split
@@ -226,6 +263,23 @@ def test_memory_cap_stops_a_run_cleanly(tmp_path):
     rec = json.loads((out / "plain_default.json").read_text())
     assert rec["status"] in ("oom_killed", "failed"), rec["status"]
     assert rec["memory_cap"]["kind"] in ("cgroup_v1", "cgroup_v2", "rlimit_as")
+
+
+@needs_lf
+@pytest.mark.slow
+def test_quick_run_two_processes(tmp_path):
+    """--nproc 2 through torchrun: every rank writes its record, tokens are all ranks' and the node's
+    memory is counted with shared pages once."""
+    modes = ("kt_int8", "plain_default")
+    summary, out = _quick(tmp_path, modes, nproc=2)
+    _check_complete(summary, out, modes)
+    for mode in modes:
+        rec = json.loads((out / f"{mode}.json").read_text())
+        assert rec["processes"] == 2 and rec["threads"] == 1 and [r["rank"] for r in rec["ranks"]] == [0, 1]
+        assert rec["metrics"]["memory"]["node_pss_gib"] > 0 and len(rec["metrics"]["ranks"]) == 2
+    one, _ = _quick(tmp_path / "one", modes[:1])
+    tokens = lambda o, m: sum(s["tokens"] for s in json.loads((o / f"{m}.json").read_text())["steps"])  # noqa: E731
+    assert tokens(out, "kt_int8") > 1.5 * tokens(tmp_path / "one" / "out", "kt_int8")  # two ranks' batches
 
 
 @needs_lf

@@ -226,6 +226,36 @@ def test_two_nodes_over_loopback_match_one_rank(work, tmp_path):
     assert_within(kt, ref)
 
 
+# DeepSpeed through LLaMA-Factory's configs (yaml_configs/deepspeed): 2 ranks x batch 2 vs 1 rank x
+# batch 4, both under the same config. ZeRO-3 with two processes on a CPU needs use_cpu: false (and
+# fp32); one process runs with it too, so both sides use it. Under DeepSpeed its optimizer holds and
+# averages the expert LoRA (kt_sft's all-reduce is off), so the test checks that route end to end.
+DS_CONFIGS = ["ds_z2_config.json", "ds_z2_offload_config.json", "ds_z3_config.json", "ds_z3_offload_config.json"]
+
+
+@needs_cli
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [True, False], ids=["expert-lora", "attention-only"])
+@pytest.mark.parametrize("config", DS_CONFIGS)
+def test_deepspeed_two_ranks_match_one_rank(work, tmp_path, config, experts):
+    ds = {"deepspeed": ROOT / "yaml_configs" / "deepspeed" / config}
+    if "z3" in config:
+        ds["use_cpu"] = "false"
+    if not experts:
+        ds["lora_target"] = PLAIN_TARGET
+    kt, ref = parity(work, tmp_path, config, {"nproc": 1, "batch": 4, **ds}, {"nproc": 2, "batch": 2, **ds})
+    assert_within(kt, ref)
+    if experts:
+        assert ".experts." in " ".join(launch_keys(tmp_path / f"ktN-{config}"))
+
+
+def launch_keys(out: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        return list(f.keys())
+
+
 @needs_cli
 @pytest.mark.slow
 def test_zero3_saved_adapter_has_peft_names(work, tmp_path):

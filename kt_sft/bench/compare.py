@@ -60,6 +60,7 @@ MODES = ("kt_int8", "kt_bf16", "plain_default", "plain_eager", "zero2_offload", 
 KNOWN_MODES = (*MODES, "kt_int4")  # kt_int4: asked for by name (the capacity runs), not in the default set
 PLAIN, ZERO = ("plain_default", "plain_eager"), ("zero2_offload", "zero3_offload")
 EXPERT_LORA_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ROUTER = "gate"  # the MoE router's module name (DeepSeek, Qwen3-MoE, Mixtral)
 # (mode, baseline group, minimum ratio): the issue's targets for the mini DeepSeek-V2-Lite run
 TARGETS = (("kt_int8", "plain", 1.4), ("kt_int8", "zero", 1.5), ("kt_bf16", "plain", 1.2))
 STEADY_MAX = 1.5
@@ -81,6 +82,11 @@ DEFINITIONS = {
     "ratio_vs_zero": "tokens_per_s / tokens_per_s of the faster of zero2_offload and zero3_offload",
     "cores_used": "median over timed steps of the process's CPU seconds / wall seconds: below the thread "
                   "count when a neighbour on a shared machine took CPU (or the run waited on I/O)",
+    "node_pss_gib": "sum over the run's processes of each one's largest proportional set size at a step end "
+                    "(/proc/self/smaps_rollup): pages shared between ranks (the memory-mapped pack, libraries) "
+                    "count once per node",
+    "processes": "training processes per run (torchrun ranks); tokens/s counts the tokens of all of them "
+                 "(the Trainer sums the ranks' non-padding tokens) over rank 0's step times",
     "fits": f"status ok, steady (no timed step > {STEADY_MAX} x the time its token count predicts from a "
             f"least-squares line through the timed steps), and major-fault time < "
             f"{FAULT_FRAC_MAX:.0%} of the timed steps' time",
@@ -114,7 +120,10 @@ class CompareConfig:
     dtype: str = _help("bf16 / fp32 for every mode, or auto: bf16 with a GPU or a CPU with native bf16 "
                        "(avx512_bf16 / amx_bf16), else fp32 (torch's bf16 matmuls take a slow path on "
                        "AVX2-only CPUs: a bf16 run would time that path, not the methods)", default="auto")
-    threads: int = _help("threads for torch, OpenMP and kt_sft's kernels", default=2)
+    threads: int = _help("threads for torch, OpenMP and kt_sft's kernels (in all, split among the processes)",
+                         default=2)
+    nproc: int = _help("training processes per run (torchrun ranks, LLaMA-Factory's data parallelism; each "
+                       "gets `batch` samples per step and threads // nproc threads)", default=1)
     seed: int = _help("seed", default=0)
     data: str | None = _help("alpaca-format JSON (default: ../shared/data/alpaca_en_demo.json when present, "
                              "else the fixtures' tiny tasks)", default=None)
@@ -127,7 +136,7 @@ class CompareConfig:
     quick: bool = _help("tiny smoke configuration (every mode in ~2 min)", default=False)
 
     def __post_init__(self):
-        for name in ("steps", "batch", "cutoff", "lora_rank", "lora_alpha", "threads", "timeout_s"):
+        for name in ("steps", "batch", "cutoff", "lora_rank", "lora_alpha", "threads", "nproc", "timeout_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise CompareConfigError(f"`{name}` must be a positive int, got {value!r}")
@@ -136,6 +145,9 @@ class CompareConfig:
         unknown = [m for m in self.modes if m not in KNOWN_MODES]
         if unknown or not self.modes:
             raise CompareConfigError(f"unknown modes {unknown}; known: {', '.join(KNOWN_MODES)}")
+        if self.nproc > self.threads:
+            raise CompareConfigError(f"`nproc` ({self.nproc}) must not exceed `threads` ({self.threads}): "
+                                     "every process needs a thread")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise CompareConfigError(f"`dtype` must be auto, bf16 or fp32, got {self.dtype!r}")
         if self.memory_cap_gib is not None and self.memory_cap_gib <= 0:
@@ -256,7 +268,7 @@ def llamafactory_args(cfg: CompareConfig, data: dict, model: Path, output_dir: P
         "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_target": "all",
         "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0,
         "dataset_dir": data["dataset_dir"], "dataset": data["dataset"], "template": "chatml",
-        "cutoff_len": cfg.cutoff, "max_samples": cfg.batch * cfg.steps, "overwrite_cache": True,
+        "cutoff_len": cfg.cutoff, "max_samples": cfg.batch * cfg.steps * cfg.nproc, "overwrite_cache": True,
         "preprocessing_num_workers": 1, "dataloader_num_workers": 0, "disable_shuffling": True,
         "output_dir": str(output_dir), "overwrite_output_dir": True, "logging_steps": 1, "save_strategy": "no",
         "plot_loss": False, "report_to": "none", "include_num_input_tokens_seen": "non_padding",
@@ -264,13 +276,18 @@ def llamafactory_args(cfg: CompareConfig, data: dict, model: Path, output_dir: P
         "learning_rate": cfg.learning_rate, "max_steps": cfg.steps, "lr_scheduler_type": "constant",
         "bf16": resolve_dtype(cfg.dtype) == "bf16", "use_cpu": not gpu, "seed": cfg.seed, "data_seed": cfg.seed,
     }
+    if mode == "zero3_offload" and cfg.nproc > 1 and not gpu:
+        args["use_cpu"] = False  # ZeRO-3 with several CPU processes fails with use_cpu (docs/benchmarks.md)
     if mode in DS_CONFIGS:
         args["deepspeed"] = str(DS_CONFIGS[mode])
-    if cfg.expert_lora:
+    if cfg.expert_lora or cfg.nproc > 1:
         # LLaMA-Factory takes `all` only alone: the same nn.Linear modules by name, plus kt_sft's `experts`
-        # (its expert LoRA); the plain modes get PEFT `target_parameters` in the worker instead
-        names = linear_module_names(model)
-        args["lora_target"] = ",".join(names + (["experts"] if mode.startswith("kt_") else []))
+        # (its expert LoRA); the plain modes get PEFT `target_parameters` in the worker instead.
+        # Several processes: without the router (`gate`), in every mode. transformers 5.6's DeepSeek-V2
+        # router gets no gradient in plain runs, which DDP refuses, and find_unused_parameters clashes
+        # with LLaMA-Factory's reentrant gradient checkpointing ("mark a variable ready only once").
+        names = [n for n in linear_module_names(model) if cfg.nproc == 1 or n != ROUTER]
+        args["lora_target"] = ",".join(names + (["experts"] if mode.startswith("kt_") and cfg.expert_lora else []))
     return args
 
 
@@ -397,24 +414,37 @@ def _evict_page_cache(path: Path) -> None:
                 os.close(fd)
 
 
+def result_path(spec: dict, rank: int) -> Path:
+    """Where a worker of rank `rank` writes its record: the spec's path for rank 0, `<stem>.rank<N>.json`
+    beside it for the others (kt_sft.bench.compare_worker)."""
+    path = Path(spec["result"])
+    return path if rank == 0 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def threads_per_rank(cfg: CompareConfig) -> int:
+    return max(1, cfg.threads // cfg.nproc)
+
+
 def run_mode(cfg: CompareConfig, mode: str, model: Path, data: dict, out_dir: Path, common: dict) -> dict:
-    """Runs one mode in a fresh process and returns its run record (also written as <mode>.json)."""
+    """Runs one mode in fresh processes (one, or cfg.nproc torchrun ranks) and returns its run record
+    (also written as <mode>.json)."""
     run_dir = out_dir / "runs" / mode
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     args = llamafactory_args(cfg, data, model, run_dir / "output", mode)
-    spec = {"args": args, "threads": cfg.threads, "result": str(run_dir / "worker.json"),
+    per_rank = threads_per_rank(cfg)
+    spec = {"args": args, "threads": per_rank, "result": str(run_dir / "worker.json"),
             "zero3_leaf_fix": mode == "zero3_offload",
             "plain_expert_lora": EXPERT_LORA_PARAMS if cfg.expert_lora and not mode.startswith("kt_") else None}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads),
-           "KT_SFT_NUM_THREADS": str(cfg.threads), "PYTHONUNBUFFERED": "1"}
+           "OMP_NUM_THREADS": str(per_rank), "MKL_NUM_THREADS": str(per_rank),
+           "KT_SFT_NUM_THREADS": str(per_rank), "KT_SFT_TORCH_THREADS": str(per_rank), "PYTHONUNBUFFERED": "1"}
     bindir = Path(sys.executable).parent
-    if mode in DS_CONFIGS:
+    if mode in DS_CONFIGS or cfg.nproc > 1:
         env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"  # DeepSpeed's JIT builds find ninja here
-        cmd = [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "kt_sft.bench.compare_worker",
-               str(run_dir / "spec.json")]
+        cmd = [str(bindir / "torchrun"), "--standalone", "--nproc_per_node", str(cfg.nproc), "-m",
+               "kt_sft.bench.compare_worker", str(run_dir / "spec.json")]
     else:
         cmd = [sys.executable, "-m", "kt_sft.bench.compare_worker", str(run_dir / "spec.json")]
     cap_bytes = int(cfg.memory_cap_gib * 2**30) if cfg.memory_cap_gib else None
@@ -440,7 +470,8 @@ def run_mode(cfg: CompareConfig, mode: str, model: Path, data: dict, out_dir: Pa
     wall = time.time() - launch
     cap_report = cap.report()
     cap.close()
-    worker = json.loads((run_dir / "worker.json").read_text()) if (run_dir / "worker.json").exists() else None
+    ranks = [json.loads(p.read_text()) for r in range(cfg.nproc) if (p := result_path(spec, r)).exists()]
+    worker = ranks[0] if ranks and ranks[0].get("rank", 0) == 0 else None
     if status == "ok" and rc != 0:
         if cap_report.get("oom_kills") or rc in (-9, 137):
             status, error = "oom_killed", f"exit {rc}; killed for memory ({cfg.memory_cap_gib} GiB cap)"
@@ -462,6 +493,10 @@ def run_mode(cfg: CompareConfig, mode: str, model: Path, data: dict, out_dir: Pa
         record["steps"] = worker.get("steps", [])
         for s in record["steps"]:
             s["loss"] = worker.get("losses", {}).get(str(s["step"]))
+        # every rank's own view: its steps' times, CPU use and memory (rank 0's steps are the ones above)
+        record["ranks"] = [{"rank": w.get("rank", 0), "steps": [{k: s.get(k) for k in ("step", "time_s", "cpu_s", "pss_kib")}
+                                                           for s in w.get("steps", [])], "memory": w.get("memory")}
+                           for w in ranks]
         record["timing"] = {
             "startup_s": worker["train_begin"] - launch if "train_begin" in worker else None,
             "train_s": worker["train_end"] - worker["train_begin"] if "train_end" in worker else None,
@@ -496,7 +531,21 @@ def metrics(record: dict, warmup_steps: int) -> dict:
         "cgroup_peak_gib": (record.get("memory_cap") or {}).get("peak_bytes", 0) and
                            record["memory_cap"]["peak_bytes"] / 2**30,
         "gpu_max_allocated_gib": mem["gpu_max_allocated_bytes"] / 2**30 if "gpu_max_allocated_bytes" in mem else None,
+        "node_pss_gib": None,
     }}
+    per_rank = []
+    for r in record.get("ranks") or []:
+        own = [s for s in r["steps"] if s["step"] > warmup_steps and s.get("time_s")]
+        pss = [s["pss_kib"] for s in r["steps"] if s.get("pss_kib")]
+        per_rank.append({
+            "rank": r["rank"], "median_step_s": statistics.median(s["time_s"] for s in own) if own else None,
+            "cores_used": (statistics.median(s["cpu_s"] / s["time_s"] for s in own)
+                           if own and all(s.get("cpu_s") is not None for s in own) else None),
+            "max_pss_gib": max(pss) / 2**20 if pss else None})
+    if per_rank:
+        out["ranks"] = per_rank
+        if all(r["max_pss_gib"] for r in per_rank):
+            out["memory"]["node_pss_gib"] = sum(r["max_pss_gib"] for r in per_rank)
     if not timed:
         return out
     times = [s["time_s"] for s in timed]
@@ -557,7 +606,7 @@ def summarize(records: dict[str, dict], cfg: CompareConfig) -> dict:
             "split_s": mt.get("split_s"), "memory": mt["memory"], "fits": mt.get("fits"),
             "fault_time_frac": mt.get("fault_time_frac"), "timing": r.get("timing"),
             "trainable_params": (r.get("worker") or {}).get("trainable_params"), "cores_used": mt.get("cores_used"),
-            "loadavg_start": r.get("loadavg_start"),
+            "loadavg_start": r.get("loadavg_start"), "ranks": mt.get("ranks"),
             **{f"ratio_vs_{g}": (tps[m] / tps[b] if tps.get(m) and b else None) for g, b in base.items()},
         }
     targets = []
@@ -575,8 +624,10 @@ def format_table(summary: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     header = ("| mode | status | tokens/s | median step (s) | vs plain | vs ZeRO | experts / MLP / attn / rest (%) "
-              "| VmHWM / RssAnon / RssFile (GiB) | start-up / end (s) |")
-    lines = [header, "|" + "---|" * 9]
+              "| VmHWM / RssAnon / RssFile (GiB) | node Pss (GiB) | start-up / end (s) |")
+    cfg = summary.get("config") or {}
+    lines = [f"{cfg.get('nproc', 1)} process(es) per run x {max(1, cfg.get('threads', 1) // cfg.get('nproc', 1))} "
+             "thread(s) each; memory columns are rank 0's, node Pss all ranks'", "", header, "|" + "---|" * 10]
     for m, r in summary["runs"].items():
         sf = r["split_frac"] or {}
         split = " / ".join(num(sf.get(k) and 100 * sf[k], ".0f") for k in
@@ -587,7 +638,7 @@ def format_table(summary: dict) -> str:
             f"| {m} | {r['status']} | {num(r['tokens_per_s'], '.1f')} | {num(r['median_step_s'], '.2f')} | "
             f"{num(r['ratio_vs_plain'], '.2f')} | {num(r['ratio_vs_zero'], '.2f')} | {split} | "
             f"{num(mem['vmhwm_gib'], '.1f')} / {num(mem['rss_anon_gib'], '.1f')} / {num(mem['rss_file_gib'], '.1f')} | "
-            f"{num(t.get('startup_s'), '.0f')} / {num(t.get('end_s'), '.1f')} |")
+            f"{num(mem.get('node_pss_gib'), '.1f')} | {num(t.get('startup_s'), '.0f')} / {num(t.get('end_s'), '.1f')} |")
     for t in summary["targets"]:
         lines.append(f"\ntarget {t['mode']} >= {t['need']}x {t['vs']}: "
                      f"{num(t['ratio'], '.2f')}x -> {'met' if t['met'] else 'MISSED'}")
@@ -608,7 +659,8 @@ def run(cfg: CompareConfig) -> dict:
     data = prepare_data(cfg, work)
     hf = prepare_hf_model(cfg, work, data["source"])
     common = {"config": asdict(cfg), "dtype": resolve_dtype(cfg.dtype), "data": data, "versions": environment.versions(_VERSIONED), "git": environment.git_state(),
-              "machine": environment.machine(), "threads": cfg.threads, "processes": 1, "started": stamp,
+              "machine": environment.machine(), "threads": threads_per_rank(cfg), "processes": cfg.nproc,
+              "started": stamp,
               "definitions": DEFINITIONS}
     records = {}
     for mode in cfg.modes:
@@ -670,7 +722,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h = {f.name: f.metadata["help"] for f in fields(CompareConfig)}
     for name, kind in (("shape", str), ("hf_model", str), ("steps", int), ("warmup_steps", int), ("batch", int),
                        ("cutoff", int), ("lora_rank", int), ("lora_alpha", int), ("learning_rate", float),
-                       ("threads", int), ("seed", int), ("data", str), ("dtype", str), ("memory_cap_gib", float),
+                       ("threads", int), ("nproc", int), ("seed", int), ("data", str), ("dtype", str), ("memory_cap_gib", float),
                        ("timeout_s", int), ("work_dir", str), ("out", str), ("plots_dir", str)):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, help=h[name])
     parser.add_argument("--kt-model", type=_kt_model, action="append", help=h["kt_models"] + " (FORMAT=DIR)")

@@ -1,7 +1,8 @@
 """One run of `kt-sft bench compare`: LLaMA-Factory's own training entry point, timed from inside.
 
-    python -m kt_sft.bench.compare_worker SPEC.json            (kt_sft and plain runs)
-    torchrun --standalone --nproc_per_node 1 -m kt_sft.bench.compare_worker SPEC.json   (DeepSpeed runs)
+    python -m kt_sft.bench.compare_worker SPEC.json            (kt_sft and plain runs, one process)
+    torchrun --standalone --nproc_per_node N -m kt_sft.bench.compare_worker SPEC.json   (DeepSpeed runs, N >= 1;
+                                                               every mode with --nproc N > 1)
 
 SPEC (written by kt_sft.bench.compare) holds the LLaMA-Factory arguments and where to write the raw
 result. This calls `llamafactory.train.tuner.run_exp(args, callbacks=[StepTimer])`, exactly what
@@ -9,8 +10,9 @@ result. This calls `llamafactory.train.tuner.run_exp(args, callbacks=[StepTimer]
 
 * time: on_step_end to on_step_end (step 1 from on_train_begin): the whole loop, data loading and
   logging included;
-* non-padding tokens (`include_num_input_tokens_seen: non_padding`), the loss (`logging_steps: 1`),
-  major page faults (getrusage) and resident memory (/proc/self/status);
+* non-padding tokens (`include_num_input_tokens_seen: non_padding`; the Trainer sums them over the
+  ranks), the loss (`logging_steps: 1`), major page faults (getrusage), resident memory
+  (/proc/self/status) and the proportional set size (smaps_rollup: shared pages split among ranks);
 * a split of the step into routed experts / shared experts + dense MLP / attention / rest, from
   perf_counter hooks on those modules (`_ModuleClock`). Start-up (process launch to train begin) and
   the end (train end to exit: adapter/checkpoint save) are timed apart.
@@ -35,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from kt_sft.integration.memory_report import memory_status  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
+from kt_sft.bench.compare import result_path
+from kt_sft.integration.memory_report import memory_status, pss_kib  # VmHWM, VmRSS, RssAnon, RssFile (KiB)
 
 # Module classes of the split; matched on the module's qualified name (PEFT-wrapped names included).
 EXPERTS, SHARED_MLP, ATTENTION = "routed_experts", "shared_and_dense_mlp", "attention"
@@ -193,6 +196,7 @@ def _make_callback(clock: _ModuleClock, record: dict, flush=lambda: None):
                 "blkio_delay_s": None if blkio is None or self.blkio is None else blkio - self.blkio,
                 "rss_anon_kib": mem.get("RssAnon"),
                 "rss_file_kib": mem.get("RssFile"),
+                "pss_kib": pss_kib(),
                 "split_s": clock.take(),
             })
             self.tokens, self.majflt, self.blkio, self.cpu = state.num_input_tokens_seen, majflt, blkio, cpu
@@ -236,8 +240,8 @@ def _patch_plain_expert_lora(target_parameters: list[str]) -> None:
 
 def _writer(spec: dict, record: dict):
     def flush():
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(spec["result"]).write_text(json.dumps(record, indent=1) + "\n")
+        record["rank"] = int(os.environ.get("RANK", "0"))
+        result_path(spec, record["rank"]).write_text(json.dumps(record, indent=1) + "\n")
     return flush
 
 

@@ -28,6 +28,19 @@ def memory_status() -> dict[str, int]:
     return out
 
 
+def pss_kib() -> int | None:
+    """Proportional set size of this process in KiB, from /proc/self/smaps_rollup (Linux; None
+    elsewhere): a page shared by n processes counts 1/n, so the ranks' Pss add up to the node's use."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def mapping_memory(path: str | Path) -> dict[str, int]:
     """Size, Rss and Pss (KiB) of this process's mappings of the file `path`, from /proc/self/smaps
     (Linux; zeros elsewhere). Pss counts a page shared by n processes as 1/n, so the Pss of every
