@@ -112,10 +112,17 @@ static unsigned detect_features(void) {
 static unsigned detect_features(void) { return 0; }
 #endif
 
+/* The cached answers below are computed on first use by whichever thread gets there; they are the
+ * same from every thread, so the lazy store may race with itself harmlessly, but it is done with
+ * relaxed atomics so the C memory model (and ThreadSanitizer) agree. */
 unsigned kt_cpu_features(void) {
     static unsigned cached = ~0u;
-    if (cached == ~0u) cached = detect_features();
-    return cached;
+    unsigned v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v == ~0u) {
+        v = detect_features();
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    }
+    return v;
 }
 
 #define KT_NEEDS_AVX2 (KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C)
@@ -152,13 +159,14 @@ static const kt_kernels *kernels_of(int isa) {
  * first tile instruction faults. Asked once; the answer holds for every thread. */
 int kt_amx_permitted(void) {
     static int cached = -1;
-    if (cached < 0) {
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v < 0) {
         unsigned long bits = 0;
-        cached = syscall(SYS_arch_prctl, KT_ARCH_REQ_XCOMP_PERM, KT_XFEATURE_XTILEDATA) == 0 &&
-                 syscall(SYS_arch_prctl, KT_ARCH_GET_XCOMP_PERM, &bits) == 0 &&
-                 ((bits >> KT_XFEATURE_XTILEDATA) & 1);
+        v = syscall(SYS_arch_prctl, KT_ARCH_REQ_XCOMP_PERM, KT_XFEATURE_XTILEDATA) == 0 &&
+            syscall(SYS_arch_prctl, KT_ARCH_GET_XCOMP_PERM, &bits) == 0 && ((bits >> KT_XFEATURE_XTILEDATA) & 1);
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
     }
-    return cached;
+    return v;
 }
 #elif defined(__x86_64__)
 int kt_amx_permitted(void) { return 0; }
@@ -173,21 +181,28 @@ int kt_isa_supported(int isa) {
     return 1;
 }
 
+/* The selected path. Another Python thread may select while a layer call runs: the call read the
+ * path once when it started (job_init) and keeps it; the next call takes the new one. Relaxed atomics:
+ * found by ThreadSanitizer (scripts/sanitize.sh --thread) as a plain int written and read concurrently. */
 static int g_isa = -1;
 
 int kt_select_isa(int isa) {
     if (!kt_isa_supported(isa)) KT_FAIL(KT_EUNSUPPORTED, "kernel path %d is not available on this CPU/build", isa);
-    g_isa = isa;
+    __atomic_store_n(&g_isa, isa, __ATOMIC_RELAXED);
     return KT_OK;
 }
 
 int kt_current_isa(void) {
-    if (g_isa < 0) {
+    int isa = __atomic_load_n(&g_isa, __ATOMIC_RELAXED);
+    if (isa < 0) {
         static const int order[] = {KT_ISA_AMX, KT_ISA_AVX512, KT_ISA_AVX_VNNI, KT_ISA_AVX2, KT_ISA_SCALAR};
         for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
-            if (kt_isa_supported(order[i])) { g_isa = order[i]; break; }
+            if (kt_isa_supported(order[i])) { isa = order[i]; break; }
+        /* the default, unless a selection came in meanwhile */
+        int unset = -1;
+        if (!__atomic_compare_exchange_n(&g_isa, &unset, isa, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) isa = unset;
     }
-    return g_isa;
+    return isa;
 }
 
 const kt_kernels *kt_active_kernels(void) { return kernels_of(kt_current_isa()); }

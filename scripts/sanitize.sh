@@ -5,6 +5,7 @@
 #   bash scripts/sanitize.sh --quick         # the CI subset (see .ci/run)
 #   KT_SFT_SAN_PATHS="scalar avx2" bash scripts/sanitize.sh   # only these kernel paths
 #   bash scripts/sanitize.sh -- -k lora      # extra pytest arguments after --
+#   bash scripts/sanitize.sh --thread        # ThreadSanitizer instead (engine threads, two Python threads)
 #
 # Builds a sanitized copy of the package under build/sanitize/ (never touches kt_sft/_kt_native*.so,
 # so a normal build in the work tree keeps working), then runs pytest once per kernel path this CPU
@@ -17,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 QUICK=0
+THREAD=0
 PYTEST_EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --thread) THREAD=1 ;;
     --) shift; PYTEST_EXTRA=("$@"); break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -28,6 +31,12 @@ while [ $# -gt 0 ]; do
 done
 
 OUT=build/sanitize
+if [ "$THREAD" = 1 ]; then
+  # ThreadSanitizer: a build of its own; the SIMDe twin only when asked for (it is the avx512 source again)
+  export KT_SFT_SANITIZE=thread
+  OUT=build/sanitize-thread
+  [[ " ${KT_SFT_SAN_PATHS:-} " != *" avx512-simde "* ]] && export KT_SFT_NO_SIMDE=1
+fi
 SRC=$OUT/src
 t0=$(date +%s)
 rm -rf "$SRC"
@@ -50,13 +59,21 @@ fi
 cp "$(find "$OUT/build/kt_sft" -name '_kt_native*.so' | head -1)" "$SRC/kt_sft/"
 echo "[sanitize] build ready after $(( $(date +%s) - t0 )) s"
 
-ASAN_LIB=$(gcc -print-file-name=libasan.so)
-UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
-export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
-# Python and torch: no leak report (process-lifetime allocations), new/delete pairs across libraries
-# and duplicate globals in torch's libraries are not ours to report.
-export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:print_summary=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1"
+if [ "$THREAD" = 1 ]; then
+  export LD_PRELOAD="$(gcc -print-file-name=libtsan.so)"
+  # A report ends the process inside a test, where pytest holds stderr: reports go to files instead.
+  # scripts/tsan.supp silences libraries that synchronize in ways TSan cannot see (not built with it).
+  rm -f "$OUT"/tsan-report.*
+  export TSAN_OPTIONS="suppressions=$PWD/scripts/tsan.supp:halt_on_error=1:exitcode=66:report_signal_unsafe=0:log_path=$PWD/$OUT/tsan-report"
+else
+  ASAN_LIB=$(gcc -print-file-name=libasan.so)
+  UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
+  export LD_PRELOAD="$ASAN_LIB $UBSAN_LIB"
+  # Python and torch: no leak report (process-lifetime allocations), new/delete pairs across libraries
+  # and duplicate globals in torch's libraries are not ours to report.
+  export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:print_summary=1"
+  export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:abort_on_error=1"
+fi
 export PYTHONPATH="$PWD/$SRC${PYTHONPATH:+:$PYTHONPATH}"
 export KT_SFT_NUM_THREADS=${KT_SFT_NUM_THREADS:-2}
 
@@ -66,7 +83,14 @@ PATHS=""
 for p in ${KT_SFT_SAN_PATHS:-$AVAILABLE}; do  # requested paths this CPU and build have, each once
   [[ " $AVAILABLE " == *" $p "* && " $PATHS " != *" $p "* ]] && PATHS="$PATHS $p"
 done
-if [ "$QUICK" = 1 ]; then
+if [ "$THREAD" = 1 ]; then
+  # Every test that runs the engine on its worker threads, and two Python threads at once. Not the two
+  # fork tests: TSan does not support a child that starts threads after a multi-threaded fork.
+  TESTS=(tests/test_engine_numerics.py tests/test_expert_lora.py tests/test_int8_mode.py tests/test_recompute_cache.py
+         tests/test_bad_input.py tests/test_fork_threads.py)
+  SELECT=(--deselect tests/test_fork_threads.py::test_forward_in_child_after_forward_in_parent
+          --deselect tests/test_fork_threads.py::test_fork_while_another_thread_is_inside_the_engine)
+elif [ "$QUICK" = 1 ]; then
   TESTS=(tests/test_bad_input.py tests/test_fuzz_regressions.py tests/test_pack_file.py tests/test_formats.py
          tests/test_fork_threads.py tests/test_engine_numerics.py tests/test_int8_kernels.py)
   SELECT=(-k "not slow")
@@ -94,5 +118,9 @@ for path in $PATHS; do
     status=1
   fi
 done
+if [ "$THREAD" = 1 ] && ls "$OUT"/tsan-report.* >/dev/null 2>&1; then
+  cat "$OUT"/tsan-report.* >&2
+  status=1
+fi
 echo "[sanitize] $(( $(date +%s) - t0 )) s, paths: $PATHS, status $status"
 exit $status
