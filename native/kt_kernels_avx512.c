@@ -385,8 +385,9 @@ static void panel_times_packed(const kt_gemm *g, const float *P, int64_t Kc, int
 /* Rows (M x C fp32) -> the prepared operand panel_times_packed reads: per tile of tile_of(M) (R <= MR
  * rows, from m0) Cr = C rounded up to 32 columns, element (k, i) at dst[m0 * Cr + k * R + i], zero
  * past C. 16 columns at a time: R rows loaded (zero-padded past C), transposed in registers, and the
- * first R lanes of each column stored; a full 16-lane store whose extra lanes the next store
- * overwrites, except the tile's last (copied R lanes only, so nothing is written past the tile). */
+ * first R lanes of each column stored; a full 16-lane store whose extra lanes the next stores
+ * overwrite, except where 16 lanes would pass the tile's end (those copy R lanes only, so nothing is
+ * written past the tile). */
 static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, float *dst) {
     const int64_t Cr = (C + 31) & ~(int64_t)31, tiles = (M + MR - 1) / MR;
     for (int64_t t = 0; t < tiles; t++) {
@@ -408,7 +409,7 @@ static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, floa
             }
             transpose16(r);
             for (int j = 0; j < 16; j++) {
-                if (c + j + 1 < Cr) {
+                if ((c + j) * R + 16 <= Cr * R) {
                     ZMM(storeu_ps)(d + (c + j) * R, r[j]);
                 } else {
                     float last[16];
