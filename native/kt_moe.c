@@ -183,11 +183,12 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
         KT_FAIL(KT_EINVAL, "LoRA rank %lld without its four matrices", (long long)j->r);
     if (j->r > 0 && backward && (!a->x || !a->grad_gu_a || !a->grad_gu_b || !a->grad_d_a || !a->grad_d_b))
         KT_FAIL(KT_EINVAL, "LoRA backward needs x and the four gradient buffers");
-    j->prep = (backward ? j->grad_mode : a->act_mode) == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
+    const int op_mode = backward ? j->grad_mode : a->act_mode; /* the prepared operands' activations */
+    j->prep = op_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
     j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
-    j->prep_f32 = !j->prep && (backward ? j->grad_mode : a->act_mode) != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
+    j->prep_f32 = !j->prep && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
     const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 || j->prep_f32 ? ((P + 15) / 16 + E) * 16 : 0;
@@ -292,6 +293,11 @@ typedef struct {
     int64_t C;        /* row length: with a prepared operand (job->prep), its columns are round32(C) */
 } act_rows;
 
+/* Expert e's prepared fp32 operand (prep_f32) of rows C long. */
+static float *prepared_f32_of(const moe_job *j, int64_t e, int64_t C) {
+    return (float *)j->opb + j->blk16[e] * 16 * ((C + 31) & ~(int64_t)31);
+}
+
 static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, const void *base, act_rows src,
                      float *out, int64_t out_ld, int out_by_token, int64_t out_off, int with_alpha, int tn,
                      int64_t lo, int64_t hi, int accumulate) {
@@ -317,9 +323,7 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
                                    ? j->opb + j->blk16[e] * 16 * ((src.C + 31) & ~(int64_t)31)
                                    : NULL;
     const int8_t *prepared8 = j->prep8 && src.act_q8 ? (const int8_t *)j->opb + j->blk16[e] * 16 * ((src.C + 63) & ~(int64_t)63) : NULL;
-    const float *prepared_f32 = j->prep_f32 && !src.act_q8
-                                    ? (const float *)j->opb + j->blk16[e] * 16 * ((src.C + 31) & ~(int64_t)31)
-                                    : NULL;
+    const float *prepared_f32 = j->prep_f32 && !src.act_q8 ? prepared_f32_of(j, e, src.C) : NULL;
     kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
                  with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats, prepared,
                  prepared8, tn && prepared && j->prep_scaled ? prepared + j->op_rows * ((src.C + 31) & ~(int64_t)31) : NULL,
@@ -400,7 +404,7 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     const int64_t C32 = (C + 31) & ~(int64_t)31;
     uint16_t *dst = j->opb + j->blk16[e] * 16 * C32;
     if (j->prep_f32)
-        j->kern->pack_f32((const float *const *)rows, M, C, (float *)j->opb + j->blk16[e] * 16 * C32);
+        j->kern->pack_f32((const float *const *)rows, M, C, prepared_f32_of(j, e, C));
     else if (j->prep8_bf16)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, KT_PACK_VNNI_BF16, (int8_t *)dst);
     else if (j->prep8)
