@@ -221,8 +221,12 @@ typedef struct {
     int64_t rows_per_task, cols_per_task;
 } kt_kernels;
 
+/* Rounded up to 16 floats here, once for every table: each thread's scratch starts at
+ * tid * this, so every thread's (not only thread 0's) is 64-byte aligned for the kernels' aligned
+ * vector stores (a table's own figure need not be a multiple of 16). */
 static inline int64_t kt_scratch_floats(const kt_kernels *k, int64_t N, int64_t K_pad) {
-    return k->scratch_floats ? k->scratch_floats(N, K_pad) : kt_gemm_scratch_floats(N, K_pad);
+    const int64_t n = k->scratch_floats ? k->scratch_floats(N, K_pad) : kt_gemm_scratch_floats(N, K_pad);
+    return (n + 15) & ~(int64_t)15;
 }
 
 /* The scalar int8-activation products, shared by paths without their own. */

@@ -9,7 +9,9 @@ import pytest
 import torch
 from helpers import distinct_routing, random_experts, write_pack
 
+import kt_sft
 from kt_sft.engine import functional as Fn
+from kt_sft.engine import runtime
 from kt_sft.engine._native import ffi, lib
 from kt_sft.engine.formats import ComputeMode
 from kt_sft.engine.pack_file import MAGIC, PackFile
@@ -254,3 +256,30 @@ def test_c_api_rejects_missing_buffers_and_bad_dtypes(packed):
     a.T = 2**40
     assert lib.kt_moe_forward(a) == lib.KT_EINVAL
     assert "int32 limits" in ffi.string(lib.kt_last_error()).decode()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_second_thread_scratch_is_aligned(kernel_path, fmt):
+    """Found by fuzz_moe_api.c (session 7, UBSan: a misaligned 32-byte store in the avx2 panel): the
+    per-thread scratch of thread t starts at t x the table's scratch size, which the avx2 int8 kernels'
+    formula (session 5) did not round to 16 floats, so with 2 threads the second thread's aligned
+    stores faulted (SIGSEGV in a normal build) for dimensions like H = I = 29. Run shapes whose sizes
+    are not multiples of 16 on 2 threads; the results must be those of 1 thread, bit for bit."""
+    torch.manual_seed(29)
+    before = runtime.num_threads()
+    for h, inter in [(29, 29), (13, 37), (71, 5)]:
+        packed = Fn.pack_experts(*random_experts(3, h, inter), fmt)
+        idx, w = distinct_routing(7, 3, 2)
+        x, dy = torch.randn(7, h), torch.randn(7, h)
+        for mode in ("f32", "bf16") + (("int8",) if fmt != "bf16" else ()):
+            results = []
+            for threads in (1, 2):
+                kt_sft.set_num_threads(threads)
+                try:
+                    y, gu = Fn.moe_forward(packed, x, idx, w, ComputeMode(mode))
+                    dx, dw = Fn.moe_backward(packed, dy, idx, w, gu, ComputeMode(mode))[:2]
+                finally:
+                    kt_sft.set_num_threads(before)
+                results.append((y, dx, dw))
+            for a, b in zip(*results):
+                assert torch.equal(a, b), (h, inter, mode)
