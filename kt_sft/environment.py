@@ -17,7 +17,7 @@ from kt_sft.engine import _native
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _VERSIONED_PACKAGES = ("kt_sft", "torch", "transformers", "cffi", "numpy", "tqdm")
-_ENV_VARS = ("KT_SFT_ISA", "KT_SFT_NUM_THREADS", "OMP_NUM_THREADS")
+_ENV_VARS = ("KT_SFT_ISA", "KT_SFT_NUM_THREADS", "KT_SFT_BF16_DOT", "OMP_NUM_THREADS")
 
 
 def cpu_model() -> str | None:
@@ -139,6 +139,16 @@ def doctor_report(peak: bool = False) -> dict:
     return report
 
 
+def _bf16_dot_line(eng: dict) -> str:
+    """How the avx512 path multiplies bf16 packs in the bf16 mode, and why."""
+    ratio, forced = eng.get("bf16_dot_ratio"), os.environ.get("KT_SFT_BF16_DOT")
+    if ratio is None:
+        return "zmm FMA on the avx512 path (no AVX512-BF16)"
+    name = "vdpbf16ps" if eng["bf16_dot"] == "dpbf16" else "zmm FMA"
+    why = f"set by KT_SFT_BF16_DOT={forced}" if forced in ("fma", "dpbf16") else "chosen: vdpbf16ps needs >= 1.3x"
+    return f"{name} on the avx512 path (vdpbf16ps runs {ratio:.2f}x the zmm FMA's multiply-adds here; {why})"
+
+
 def format_doctor_report(report: dict) -> str:
     eng, mach, ver = report["engine"], report["machine"], report["versions"]
     mem = mach["memory"]
@@ -153,6 +163,7 @@ def format_doctor_report(report: dict) -> str:
             f"available paths   {', '.join(eng['available_kernel_paths'])}",
             f"threads           {eng['threads']}",
             f"cpu flags         {' '.join(eng['cpu_flags']) or '(none of those the engine probes)'}",
+            f"bf16 products     {_bf16_dot_line(eng)}",
         ]
     else:
         lines = [f"native engine     NOT LOADED: {eng['native_error']}"]

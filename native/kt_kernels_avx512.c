@@ -16,6 +16,8 @@
  * names _mm512_op or simde_mm512_op; the few SIMDe 0.7.4 lacks are helpers below built from two
  * ymm halves.
  */
+#include <stdlib.h>
+
 #include "kt_internal.h"
 
 #if defined(__x86_64__)
@@ -134,15 +136,16 @@ static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_
 
 #include "kt_transpose16.h" /* transpose16(zf r[16]) */
 
-/* P[k][j] = W[n0 + j][k] for k < Kr (K rounded up to 32), j < 32; rows past N are zero.
+/* P[k - kb][j] = W[n0 + j][k] for k in [kb, ke) (multiples of 32, ke <= K rounded up to 32), j < 32;
+ * rows past N are zero.
  * Per 32-column step of 16 rows: bf16 splits one 64-byte load per row into its even (<< 16) and
  * odd (& 0xffff0000) elements, one instruction per 16 weights, and stores the transposed vectors
  * at k+2i and k+2i+1; int8 and int4 widen 16 weights per instruction in order. */
 static inline __attribute__((always_inline)) void panel_rows_fmt(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
-                                                                 int64_t n0, int64_t Kr, float *P) {
+                                                                 int64_t n0, int64_t kb, int64_t ke, float *P) {
     const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
     const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
-    for (int64_t k = 0; k < Kr; k += 32) {
+    for (int64_t k = kb; k < ke; k += 32) {
         for (int half = 0; half < 2; half++) {
             zf r0[16], r1[16];
             for (int i = 0; i < 16; i++) {
@@ -160,7 +163,7 @@ static inline __attribute__((always_inline)) void panel_rows_fmt(int fmt, const 
             }
             transpose16(r0);
             transpose16(r1);
-            float *dst = P + k * NR + half * 16;
+            float *dst = P + (k - kb) * NR + half * 16;
             if (fmt == KT_FORMAT_BF16) {
                 for (int i = 0; i < 16; i++) {
                     ZMM(store_ps)(dst + (2 * i) * NR, r0[i]);
@@ -176,30 +179,32 @@ static inline __attribute__((always_inline)) void panel_rows_fmt(int fmt, const 
     }
 }
 
-static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr, float *P) {
+static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t kb, int64_t ke,
+                                  float *P) {
     switch (L->format) {
-    case KT_FORMAT_BF16: panel_rows_fmt(KT_FORMAT_BF16, L, mat, n0, Kr, P); break;
-    case KT_FORMAT_INT8: panel_rows_fmt(KT_FORMAT_INT8, L, mat, n0, Kr, P); break;
-    default: panel_rows_fmt(KT_FORMAT_INT4, L, mat, n0, Kr, P); break;
+    case KT_FORMAT_BF16: panel_rows_fmt(KT_FORMAT_BF16, L, mat, n0, kb, ke, P); break;
+    case KT_FORMAT_INT8: panel_rows_fmt(KT_FORMAT_INT8, L, mat, n0, kb, ke, P); break;
+    default: panel_rows_fmt(KT_FORMAT_INT4, L, mat, n0, kb, ke, P); break;
     }
 }
 
-/* P[n][j] = W[n][c0 + j] for n < N, j < width (<= 32; c0 a multiple of 16, inside K_pad); the
- * second half is zero when width <= 16, so no load reaches past the row. */
+/* P[n - nb][j] = W[n][c0 + j] for n in [nb, ne), j < width (<= 32; c0 a multiple of 16, inside
+ * K_pad); the second half is zero when width <= 16, so no load reaches past the row. */
 static inline __attribute__((always_inline)) void panel_columns_fmt(int fmt, const kt_matrix_layout *L,
                                                                     const uint8_t *mat, int64_t c0, int64_t width,
-                                                                    float *P) {
-    for (int64_t n = 0; n < L->N; n++) {
-        ZMM(store_ps)(P + n * NR, load16(fmt, L, mat, n, c0));
-        ZMM(store_ps)(P + n * NR + 16, width > 16 ? load16(fmt, L, mat, n, c0 + 16) : ZMM(setzero_ps)());
+                                                                    int64_t nb, int64_t ne, float *P) {
+    for (int64_t n = nb; n < ne; n++) {
+        ZMM(store_ps)(P + (n - nb) * NR, load16(fmt, L, mat, n, c0));
+        ZMM(store_ps)(P + (n - nb) * NR + 16, width > 16 ? load16(fmt, L, mat, n, c0 + 16) : ZMM(setzero_ps)());
     }
 }
 
-static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width, float *P) {
+static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width, int64_t nb,
+                          int64_t ne, float *P) {
     switch (L->format) {
-    case KT_FORMAT_BF16: panel_columns_fmt(KT_FORMAT_BF16, L, mat, c0, width, P); break;
-    case KT_FORMAT_INT8: panel_columns_fmt(KT_FORMAT_INT8, L, mat, c0, width, P); break;
-    default: panel_columns_fmt(KT_FORMAT_INT4, L, mat, c0, width, P); break;
+    case KT_FORMAT_BF16: panel_columns_fmt(KT_FORMAT_BF16, L, mat, c0, width, nb, ne, P); break;
+    case KT_FORMAT_INT8: panel_columns_fmt(KT_FORMAT_INT8, L, mat, c0, width, nb, ne, P); break;
+    default: panel_columns_fmt(KT_FORMAT_INT4, L, mat, c0, width, nb, ne, P); break;
     }
 }
 
@@ -214,11 +219,25 @@ static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t
 #define FMA_BCAST(acc, p, ptr) __asm__("vfmadd231ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(ptr)))
 #endif
 
+/* acc += p * broadcast(pair at ptr), two bf16 products per lane (vdpbf16ps; see the bf16 pairs section). */
+#ifdef KT_SIMDE
+static inline simde__m512bh as_bh(zi v) {
+    simde__m512bh r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+#define DP_BCAST(acc, p, ptr)                                                                      \
+    ((acc) = simde_mm512_dpbf16_ps((acc), as_bh(ZMM(set1_epi32)((int)*(const uint32_t *)(ptr))),  \
+                                   as_bh(ZMM(castps_si512)(p))))
+#else
+#define DP_BCAST(acc, p, ptr) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(const uint32_t *)(ptr)))
+#endif
+
 /* c[R][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load), R <= MR rows.
  * Step k's two panel vectors come from the panel P (fmt < 0), or straight from row k of the packed
  * matrix of format fmt at columns c0 and c1 (dequantized in registers: the transposed product with few
  * tokens). Always inlined with constant R and fmt, so each instance gets its own loop. */
-static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int64_t Kc, const float *const *a, const float *Ap,
+static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int dp, int64_t Kc, const float *const *a, const float *Ap,
                                                               const float *P, int fmt, const kt_matrix_layout *L,
                                                               const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR],
                                                               int load) {
@@ -232,7 +251,10 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         c##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
     }
 #define KT_STEP(i)                                                                                  \
-    if ((i) < R) {                                                                                  \
+    if ((i) < R && dp) {                                                                            \
+        DP_BCAST(c##i##a, p0, Ap + k * R + (i));                                                    \
+        DP_BCAST(c##i##b, p1, Ap + k * R + (i));                                                    \
+    } else if ((i) < R) {                                                                           \
         FMA_BCAST(c##i##a, p0, packed ? Ap + k * R + (i) : a##i + k);                               \
         FMA_BCAST(c##i##b, p1, packed ? Ap + k * R + (i) : a##i + k);                               \
     }
@@ -262,22 +284,22 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *const *a, const kt_mat
 
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
-        ukernel_any(R, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                           \
+        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                           \
     }                                                                                                           \
     static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
-        ukernel_any(R, 1, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                          \
+        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                          \
     }                                                                                                           \
     static void ukernel_direct_bf16_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
     }                                                                                                           \
     static void ukernel_direct_int8_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
     }                                                                                                           \
     static void ukernel_direct_int4_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, N, a, NULL, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
+        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
     }
 KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UKERNELS(6)
 KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
@@ -305,6 +327,14 @@ static inline void tile_of(int64_t M, int64_t t, int64_t *m0, int64_t *rows) {
     const int64_t n = (M + MR - 1) / MR, base = M / n, extra = M % n;
     *m0 = t * base + (t < extra ? t : extra);
     *rows = base + (t < extra);
+}
+
+/* Rows [first, last) of tiles [t0, t1) of tile_of(M). */
+static inline void tiles_span(int64_t M, int64_t t0, int64_t t1, int64_t *first, int64_t *last) {
+    int64_t rows;
+    tile_of(M, t0, first, &rows);
+    tile_of(M, t1 - 1, last, &rows);
+    *last += rows;
 }
 
 /* ---- blocking and write-back ---------------------------------------------------------------- */
@@ -366,10 +396,8 @@ static void panel_times_packed(const kt_gemm *g, const float *P, int64_t Kc, int
     const int64_t tiles = (g->M + MR - 1) / MR;
     for (int64_t t0 = 0; t0 < tiles; t0 += MC / MR) {
         const int64_t t1 = tiles - t0 < MC / MR ? tiles : t0 + MC / MR;
-        int64_t first, rows, last;
-        tile_of(g->M, t0, &first, &rows);
-        tile_of(g->M, t1 - 1, &last, &rows);
-        last += rows;
+        int64_t first, last, rows;
+        tiles_span(g->M, t0, t1, &first, &last);
         for (int64_t k0 = 0; k0 < Kc; k0 += KC) {
             const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
             for (int64_t t = t0; t < t1; t++) {
@@ -382,43 +410,219 @@ static void panel_times_packed(const kt_gemm *g, const float *P, int64_t Kc, int
     }
 }
 
-/* Rows (M x C fp32) -> the prepared operand panel_times_packed reads: per tile of tile_of(M) (R <= MR
- * rows, from m0) Cr = C rounded up to 32 columns, element (k, i) at dst[m0 * Cr + k * R + i], zero
- * past C. 16 columns at a time: R rows loaded (zero-padded past C), transposed in registers, and the
- * first R lanes of each column stored; a full 16-lane store whose extra lanes the next stores
- * overwrite, except where 16 lanes would pass the tile's end (those copy R lanes only, so nothing is
- * written past the tile). */
-static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, float *dst) {
-    const int64_t Cr = (C + 31) & ~(int64_t)31, tiles = (M + MR - 1) / MR;
+/* The prepared operands' stores, after a 16 x 16 transpose: vector r[j]'s first R lanes (one column of
+ * a tile of R rows) to d + (j0 + j) * R, j < 16, in a tile of n * R words. Full 16-lane stores, whose
+ * extra lanes the next stores overwrite, except where 16 lanes would pass the tile's end (those copy
+ * R lanes only, so nothing is written past the tile). */
+static inline void store_tile_columns(float *d, int64_t j0, int64_t R, int64_t n, const zf r[16]) {
+    for (int j = 0; j < 16; j++) {
+        if ((j0 + j) * R + 16 <= n * R) {
+            ZMM(storeu_ps)(d + (j0 + j) * R, r[j]);
+        } else {
+            float last[16];
+            ZMM(storeu_ps)(last, r[j]);
+            memcpy(d + (j0 + j) * R, last, sizeof(float) * (size_t)R);
+        }
+    }
+}
+
+/* ---- bf16 pairs: vdpbf16ps ------------------------------------------------------------------ */
+
+/* The bf16 compute mode on bf16 weights can also run on vdpbf16ps, which adds two bf16 products per
+ * fp32 lane: acc[j] += a[2q] w[2q][j] + a[2q+1] w[2q+1][j] (each product is exact in fp32; the
+ * hardware adds the odd one first and flushes denormals). Used where this core runs it faster than
+ * two zmm FMAs (kt_bf16_dot: Zen 5 does, Zen 4 and the Xeons do not); same 12 x 32 tile, half the
+ * steps, with panels of bf16 pairs -- one 32-bit word per pair of the contraction:
+ *   nt: P[q][j] = (W[n0+j][2q], W[n0+j][2q+1])     the packed rows' words, transposed 16 x 16
+ *   tn: P[q][j] = (W[2q][c0+j], W[2q+1][c0+j])     two rows' 16-bit elements interleaved
+ * and the job's operand in the same pairs (pack_pairs_avx512). Only bf16 weights: the int8 / int4
+ * weights of the bf16 mode keep the FMA kernels (their scales vary along tn's contraction). */
+
+typedef void (*ukernel_dp_fn)(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load);
+#define KT_UKERNEL_DP(R)                                                                                      \
+    static void ukernel_dp_##R(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load) { \
+        ukernel_any(R, 1, 1, Kp, NULL, (const float *)Ap, (const float *)P, -1, NULL, NULL, 0, 0, c, load);   \
+    }
+KT_UKERNEL_DP(1) KT_UKERNEL_DP(2) KT_UKERNEL_DP(3) KT_UKERNEL_DP(4) KT_UKERNEL_DP(5) KT_UKERNEL_DP(6)
+KT_UKERNEL_DP(7) KT_UKERNEL_DP(8) KT_UKERNEL_DP(9) KT_UKERNEL_DP(10) KT_UKERNEL_DP(11) KT_UKERNEL_DP(12)
+#undef KT_UKERNEL_DP
+static const ukernel_dp_fn ukernels_dp[MR + 1] = {NULL, ukernel_dp_1, ukernel_dp_2, ukernel_dp_3, ukernel_dp_4,
+                                                  ukernel_dp_5, ukernel_dp_6, ukernel_dp_7, ukernel_dp_8,
+                                                  ukernel_dp_9, ukernel_dp_10, ukernel_dp_11, ukernel_dp_12};
+
+/* nt: P[q - qb][j] = word q of row n0 + j (bf16 weights), q in [qb, qe) (multiples of 16, qe <= K_pad / 2),
+ * rows past N zero. */
+static void panel_rows_pairs(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t qb, int64_t qe,
+                             uint32_t *P) {
+    const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
+    for (int64_t q = qb; q < qe; q += 16)
+        for (int half = 0; half < 2; half++) {
+            zf r[16];
+            for (int i = 0; i < 16; i++) {
+                const int64_t j = half * 16 + i;
+                r[i] = j < rows ? ZMM(loadu_ps)((const float *)(row_of(L, mat, n0 + j) + 4 * q)) : ZMM(setzero_ps)();
+            }
+            transpose16(r);
+            for (int i = 0; i < 16; i++) ZMM(store_ps)((float *)P + (q - qb + i) * NR + half * 16, r[i]);
+        }
+}
+
+/* tn: P[q - qb][j] = (W[2q][c0 + j], W[2q + 1][c0 + j]) for q in [qb, qe), j < 32 (zero for j >= width
+ * and for rows past N). */
+static void panel_columns_pairs(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width,
+                                int64_t qb, int64_t qe, uint32_t *P) {
+    const zi lo_idx = ZMM(set_epi16)(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                     36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const zi hi_idx = ZMM(add_epi16)(lo_idx, ZMM(set1_epi16)(16));
+    for (int64_t q = qb; q < qe; q++) {
+        zi r[2];
+        for (int t = 0; t < 2; t++) {
+            const int64_t n = 2 * q + t;
+            if (n >= L->N) {
+                r[t] = ZMM(setzero_si512)();
+                continue;
+            }
+            const uint8_t *src = row_of(L, mat, n) + 2 * c0;
+            r[t] = join_i(YMM(loadu_si256)((const void *)src),
+                          width > 16 ? YMM(loadu_si256)((const void *)(src + 32)) : YMM(setzero_si256)());
+        }
+        /* word j of out = element j of row 2q (low half) and of row 2q+1 (high half) */
+        ZMM(store_si512)((void *)(P + (q - qb) * NR), ZMM(permutex2var_epi16)(r[0], lo_idx, r[1]));
+        ZMM(store_si512)((void *)(P + (q - qb) * NR + 16), ZMM(permutex2var_epi16)(r[0], hi_idx, r[1]));
+    }
+}
+
+/* The k-outer form over the prepared operand, for tasks several panels wide: per group of tiles (at
+ * most MG tokens), per KC slice of the contraction, per 32 outputs of the task, that panel slice is
+ * built (KC x 32 floats, in L1) and every tile of the group runs over it; the group's partial sums
+ * for all the task's outputs wait in C blocks (MG x 32 floats each, L2). So the group's operand slice
+ * (MG x KC floats) is read from L2 once per panel while panel_times_packed reads the whole operand
+ * (M x K floats, 1.5 MB for 192 tokens at K = 2048: more than L2 holds next to everything else) once
+ * per panel. The sums run in the same order (KC slices ascending, partial sums stored and reloaded
+ * exactly), so the results are the same bits. */
+/* Bytes of a row's quants from element k (a multiple of 32) on. */
+static inline int64_t quant_bytes(int fmt, int64_t k) {
+    return fmt == KT_FORMAT_BF16 ? 2 * k : fmt == KT_FORMAT_INT8 ? k : k / 2;
+}
+
+/* Part `part` of `parts` of the weight bytes the panel slice (outputs c0.., contraction [k0, k0+kl))
+ * will read, asked into the cache while the current slice's tiles run. A slice reads 32 rows x kl
+ * elements (nt) or kl rows x 32 elements (tn): short runs a row apart, which the hardware prefetchers
+ * do not follow (the panels took ~15% of the k-outer form's time without this). */
+static inline void prefetch_slice(const kt_gemm *g, int tn, int64_t c0, int64_t k0, int64_t kl, int64_t part,
+                                  int64_t parts) {
+    const kt_matrix_layout *L = g->L;
+    const int fmt = L->format;
+    if (tn) {
+        int64_t n1 = k0 + (part + 1) * kl / parts;
+        if (n1 > L->N) n1 = L->N; /* a pair slice's last row may be padding */
+        for (int64_t n = k0 + part * kl / parts; n < n1; n++)
+            _mm_prefetch((const char *)(row_of(L, g->w, n) + quant_bytes(fmt, c0)), _MM_HINT_T0);
+    } else {
+        const int64_t rows = L->N - c0 < NR ? L->N - c0 : NR, r1 = (part + 1) * rows / parts;
+        const int64_t b0 = quant_bytes(fmt, k0), b1 = quant_bytes(fmt, k0 + kl);
+        for (int64_t r = part * rows / parts; r < r1; r++)
+            for (int64_t b = b0; b < b1; b += 64) _mm_prefetch((const char *)(row_of(L, g->w, c0 + r) + b), _MM_HINT_T0);
+    }
+}
+
+#define MG 252 /* 21 tiles: one group for up to 252 tokens; operand slice + C blocks 504 KB (L2) */
+#define KO_BLOCKS 8 /* C blocks of 32 outputs: tasks up to 256 wide (TASK_WIDTH) */
+#define TASK_WIDTH 256
+_Static_assert(KO_BLOCKS * NR >= TASK_WIDTH, "the k-outer form holds a whole task's C blocks");
+/* With fewer tokens per expert the operand fits L2 anyway and nt keeps the panel-at-a-time form:
+ * its panels read 32 whole weight rows as streams, the k-outer form 32 short runs per slice. */
+#ifndef KO_NT_MIN_M
+#define KO_NT_MIN_M 96
+#endif
+/* dp: the operand and panels are bf16 pairs (a_pairs, vdpbf16ps); Kc, Cr and the slices count pairs. */
+static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t Cr, float *P, float (*cblk)[NR]) {
+    const int64_t tiles = (g->M + MR - 1) / MR, nblk = (g->hi - g->lo + NR - 1) / NR;
+    const int64_t groups = (tiles + MG / MR - 1) / (MG / MR); /* near-equal: 17 tiles are 9 + 8, not 16 + 1 */
+    assert(nblk <= KO_BLOCKS);
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t t0 = gi * tiles / groups, t1 = (gi + 1) * tiles / groups;
+        int64_t first, last, rows;
+        tiles_span(g->M, t0, t1, &first, &last);
+        for (int64_t k0 = 0; k0 < Kc; k0 += KC) {
+            const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
+            for (int64_t b = 0; b < nblk; b++) {
+                const int64_t c0 = g->lo + b * NR, width = g->hi - c0 < NR ? g->hi - c0 : NR;
+                if (dp && tn) panel_columns_pairs(g->L, g->w, c0, width, k0, k0 + kl, (uint32_t *)P);
+                else if (dp) panel_rows_pairs(g->L, g->w, c0, k0, k0 + ((kl + 15) & ~(int64_t)15), (uint32_t *)P);
+                else if (tn) panel_columns(g->L, g->w, c0, width, k0, k0 + kl, P);
+                else panel_rows_transposed(g->L, g->w, c0, k0, k0 + ((kl + 31) & ~(int64_t)31), P);
+                /* the next slice: the next 32 outputs, else the first of the next KC slice */
+                const int64_t nb = b + 1 < nblk ? b + 1 : 0, nk0 = b + 1 < nblk ? k0 : k0 + KC;
+                const int64_t nkl = Kc - nk0 < KC ? Kc - nk0 : KC;
+                for (int64_t t = t0; t < t1; t++) {
+                    int64_t m0;
+                    tile_of(g->M, t, &m0, &rows);
+                    if (nk0 < Kc) prefetch_slice(g, tn, g->lo + nb * NR, nk0 << dp, nkl << dp, t - t0, t1 - t0);
+                    if (dp)
+                        ukernels_dp[rows](kl, g->a_pairs + m0 * Cr + k0 * rows, (const uint32_t *)P,
+                                          cblk + b * MG + (m0 - first), k0 > 0);
+                    else
+                        ukernels_packed[rows](kl, g->a_f32 + m0 * Cr + k0 * rows, P, cblk + b * MG + (m0 - first),
+                                              k0 > 0);
+                }
+            }
+        }
+        for (int64_t b = 0; b < nblk; b++) {
+            const int64_t c0 = g->lo + b * NR;
+            write_tile(g, first, last - first, cblk + b * MG, c0 - g->lo, g->hi - c0 < NR ? g->hi - c0 : NR);
+        }
+    }
+}
+
+/* Rows (M x C fp32) -> the prepared operands: per tile of tile_of(M) (R <= MR rows, from m0), with
+ * Cr = C rounded up to 32 columns, zero past C,
+ *   fp32 (pack_f32_avx512, panel_times_packed / the k-outer form): element (k, i) at dst[m0 * Cr + k * R + i];
+ *   pairs (pack_pairs_avx512, vdpbf16ps; the rows hold bf16-exact values): word (q, i) = (bf16 of
+ *   rows[m0+i][2q], of rows[m0+i][2q+1]) at dst[m0 * Cr / 2 + q * R + i].
+ * 16 words at a time: R rows loaded (zero-padded past C), transposed in registers, and the first R
+ * lanes of each column stored (store_tile_columns). */
+static inline __attribute__((always_inline)) void pack_tiles(int pairs, const float *const *rows, int64_t M, int64_t C,
+                                                             float *dst) {
+    const int64_t Cr = (C + 31) & ~(int64_t)31, n = pairs ? Cr / 2 : Cr, step = pairs ? 32 : 16;
+    const int64_t tiles = (M + MR - 1) / MR;
+    const zi odd = ZMM(set_epi16)(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23,
+                                  21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int64_t t = 0; t < tiles; t++) {
         int64_t m0, R;
         tile_of(M, t, &m0, &R);
-        float *d = dst + m0 * Cr;
-        for (int64_t c = 0; c < Cr; c += 16) {
+        float *d = dst + m0 * n;
+        for (int64_t c = 0; c < Cr; c += step) {
             zf r[16];
             for (int i = 0; i < 16; i++) {
                 if (i >= R || c >= C) {
                     r[i] = ZMM(setzero_ps)();
-                } else if (c + 16 <= C) {
-                    r[i] = ZMM(loadu_ps)(rows[m0 + i] + c);
-                } else {
-                    float tail[16] = {0};
-                    memcpy(tail, rows[m0 + i] + c, sizeof(float) * (size_t)(C - c));
-                    r[i] = ZMM(loadu_ps)(tail);
+                    continue;
                 }
+                float tail[32];
+                const float *src = rows[m0 + i] + c;
+                if (c + step > C) {
+                    memset(tail, 0, sizeof tail);
+                    memcpy(tail, src, sizeof(float) * (size_t)(C - c));
+                    src = tail;
+                }
+                /* pairs: the high 16 bits of each value (exact: the values are bf16) */
+                r[i] = pairs ? ZMM(castsi512_ps)(ZMM(permutex2var_epi16)(ZMM(castps_si512)(ZMM(loadu_ps)(src)), odd,
+                                                                          ZMM(castps_si512)(ZMM(loadu_ps)(src + 16))))
+                             : ZMM(loadu_ps)(src);
             }
             transpose16(r);
-            for (int j = 0; j < 16; j++) {
-                if ((c + j) * R + 16 <= Cr * R) {
-                    ZMM(storeu_ps)(d + (c + j) * R, r[j]);
-                } else {
-                    float last[16];
-                    ZMM(storeu_ps)(last, r[j]);
-                    memcpy(d + (c + j) * R, last, sizeof(float) * (size_t)R);
-                }
-            }
+            store_tile_columns(d, pairs ? c / 2 : c, R, n, r);
         }
     }
+}
+
+static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, float *dst) {
+    pack_tiles(0, rows, M, C, dst);
+}
+
+static void pack_pairs_avx512(const float *const *rows, int64_t M, int64_t C, uint32_t *dst) {
+    pack_tiles(1, rows, M, C, (float *)dst);
 }
 
 /* ---- nt: the forward direction -------------------------------------------------------------- */
@@ -516,8 +720,10 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
  * padded token rows, at most NT_DOT_MAX_M of them, in the panel's place). */
 static int64_t scratch_floats_avx512(int64_t N, int64_t K_pad) {
     const int64_t m = (N > K_pad ? N : K_pad) + 32, own = NR * m + (MC + MR) * NR + 16;
+    const int64_t kouter = NR * KC + KO_BLOCKS * MG * NR; /* panel slice + C blocks */
     const int64_t q8 = kt_q8_avx2_scratch_floats(N, K_pad); /* the products without VNNI */
-    return own > q8 ? own : q8;
+    const int64_t fp = own > kouter ? own : kouter;
+    return fp > q8 ? fp : q8;
 }
 
 static void nt_dot_bf16(const kt_gemm *g, float *A) { nt_dot_fmt(KT_FORMAT_BF16, g, A); }
@@ -535,8 +741,16 @@ static void nt_avx512(const kt_gemm *g) {
         nt_dot_int8(g, P);
         return;
     }
+    if (g->a_pairs) { /* bf16 weights, bf16 mode, vdpbf16ps: every token count above the dot form's */
+        kouter_packed(g, 0, 1, (K + 1) / 2, Kr / 2, P, (float (*)[NR])(P + NR * KC));
+        return;
+    }
+    if (g->a_f32 && g->hi - g->lo > NR && g->M >= KO_NT_MIN_M) {
+        kouter_packed(g, 0, 0, K, Kr, P, (float (*)[NR])(P + NR * KC));
+        return;
+    }
     for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
-        panel_rows_transposed(g->L, g->w, n0, Kr, P);
+        panel_rows_transposed(g->L, g->w, n0, 0, Kr, P);
         const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
         if (g->a_f32) panel_times_packed(g, P, K, Kr, n0 - g->lo, width, cbuf);
         else panel_times_rows(g, P, K, n0 - g->lo, width, cbuf);
@@ -557,6 +771,14 @@ static void tn_avx512(const kt_gemm *g) {
     assert(g->lo % 16 == 0); /* tasks split the columns in multiples of 32 */
     float *P = g->scratch;
     float (*cbuf)[NR] = (float (*)[NR])(P + NR * ((N + 31) & ~(int64_t)31));
+    if (g->a_pairs && g->M > TN_DIRECT_MAX_M) {
+        kouter_packed(g, 1, 1, (N + 1) / 2, ((N + 31) & ~(int64_t)31) / 2, P, (float (*)[NR])(P + NR * KC));
+        return;
+    }
+    if (g->a_f32 && g->M > TN_DIRECT_MAX_M && g->hi - g->lo > NR) {
+        kouter_packed(g, 1, 0, N, (N + 31) & ~(int64_t)31, P, (float (*)[NR])(P + NR * KC));
+        return;
+    }
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
         const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
         if (g->M <= TN_DIRECT_MAX_M) {
@@ -571,7 +793,7 @@ static void tn_avx512(const kt_gemm *g) {
             }
             continue;
         }
-        panel_columns(g->L, g->w, c0, width, P);
+        panel_columns(g->L, g->w, c0, width, 0, N, P);
         if (g->a_f32) panel_times_packed(g, P, N, (N + 31) & ~(int64_t)31, c0 - g->lo, width, cbuf);
         else panel_times_rows(g, P, N, c0 - g->lo, width, cbuf);
     }
@@ -969,6 +1191,17 @@ static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
+/* vdpbf16ps for the bf16 mode on bf16 weights where kt_bf16_dot() says so; the emulated twin only
+ * when KT_SFT_BF16_DOT=dpbf16 (tests), since it has no rate to compare. */
+static int pairs_enabled_avx512(void) {
+#ifdef KT_SIMDE
+    const char *force = getenv("KT_SFT_BF16_DOT");
+    return force && strcmp(force, "dpbf16") == 0;
+#else
+    return kt_bf16_dot() == KT_BF16_DOT_DPBF16;
+#endif
+}
+
 /* The zmm SwiGLU (kt_swiglu_avx512.c) is real AVX-512: the emulated twin keeps the scalar loops. */
 #ifdef KT_SIMDE
 #define KT_SWIGLU .swiglu = NULL, .swiglu_bwd = NULL
@@ -977,7 +1210,9 @@ static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
 #endif
 const kt_kernels KT_TABLE = {.name = KT_TABLE_NAME, .nt = nt_avx512, .tn = tn_avx512, .nt_q8 = nt_q8_avx512,
                              .tn_q8 = tn_q8_avx512, .dots = dots_avx512, .axpy = axpy_avx512,
-                             .scratch_floats = scratch_floats_avx512, .pack_f32 = pack_f32_avx512, KT_SWIGLU,
+                             .scratch_floats = scratch_floats_avx512, .pack_f32 = pack_f32_avx512,
+                             .pack_pairs = pack_pairs_avx512, .pairs_enabled = pairs_enabled_avx512, KT_SWIGLU,
+                             .rows_per_task = TASK_WIDTH, .cols_per_task = TASK_WIDTH,
                              .quantize_row = kt_quantize_row_avx2};
 
 #pragma GCC pop_options

@@ -107,6 +107,7 @@ typedef struct {
     int prep8_bf16;               /* forward, int8 mode, int4 weights: the int8 rows prepared as bf16 */
     int prep_scaled;              /* backward, int8 weights: tn's operands carry the row scales (hi, lo) */
     int prep_f32;                 /* float operands prepared by the table's pack_f32 (twice the room) */
+    int prep_pairs;               /* bf16-pair operands prepared by the table's pack_pairs */
     int64_t op_rows;              /* rows of one prepared operand; a lo half follows at op_rows * C32 */
     uint16_t *opb;                /* the current phase's operand, expert groups back to back */
     int64_t *blk16;               /* E + 1: 16-row blocks before each expert's group in opb */
@@ -188,10 +189,12 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
     j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
-    j->prep_f32 = !j->prep && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
+    j->prep_pairs = op_mode == KT_ACT_BF16 && a->format == KT_FORMAT_BF16 && j->kern->pack_pairs != NULL &&
+                    j->kern->pairs_enabled();
+    j->prep_f32 = !j->prep && !j->prep_pairs && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
-    const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 || j->prep_f32 ? ((P + 15) / 16 + E) * 16 : 0;
+    const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 || j->prep_f32 || j->prep_pairs ? ((P + 15) / 16 + E) * 16 : 0;
     size_t off = 0, sizes[21];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
     CARVE(0, sizeof(int32_t) * (size_t)(3 * E + 1 + P));
@@ -298,6 +301,12 @@ static float *prepared_f32_of(const moe_job *j, int64_t e, int64_t C) {
     return (float *)j->opb + j->blk16[e] * 16 * ((C + 31) & ~(int64_t)31);
 }
 
+/* Expert e's prepared bf16-pair operand (prep_pairs): round32(C) / 2 words per row, the room of the
+ * bf16 operands. */
+static uint32_t *prepared_pairs_of(const moe_job *j, int64_t e, int64_t C) {
+    return (uint32_t *)j->opb + j->blk16[e] * 16 * (((C + 31) & ~(int64_t)31) / 2);
+}
+
 static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, const void *base, act_rows src,
                      float *out, int64_t out_ld, int out_by_token, int64_t out_off, int with_alpha, int tn,
                      int64_t lo, int64_t hi, int accumulate) {
@@ -324,10 +333,11 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
                                    : NULL;
     const int8_t *prepared8 = j->prep8 && src.act_q8 ? (const int8_t *)j->opb + j->blk16[e] * 16 * ((src.C + 63) & ~(int64_t)63) : NULL;
     const float *prepared_f32 = j->prep_f32 && !src.act_q8 ? prepared_f32_of(j, e, src.C) : NULL;
+    const uint32_t *prepared_pairs = j->prep_pairs && !src.act_q8 ? prepared_pairs_of(j, e, src.C) : NULL;
     kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
                  with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats, prepared,
                  prepared8, tn && prepared && j->prep_scaled ? prepared + j->op_rows * ((src.C + 31) & ~(int64_t)31) : NULL,
-                 prepared_f32};
+                 prepared_f32, prepared_pairs};
     if (tn) (src.act_q8 ? j->kern->tn_q8 : j->kern->tn)(&g);
     else (src.act_q8 ? j->kern->nt_q8 : j->kern->nt)(&g);
 }
@@ -405,6 +415,8 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     uint16_t *dst = j->opb + j->blk16[e] * 16 * C32;
     if (j->prep_f32)
         j->kern->pack_f32((const float *const *)rows, M, C, prepared_f32_of(j, e, C));
+    else if (j->prep_pairs)
+        j->kern->pack_pairs((const float *const *)rows, M, C, prepared_pairs_of(j, e, C));
     else if (j->prep8_bf16)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, KT_PACK_VNNI_BF16, (int8_t *)dst);
     else if (j->prep8)
@@ -548,11 +560,11 @@ int kt_moe_forward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
         if (j.r > 0) run_phase("F0L", pair_tasks, f0l_task, &j);
-        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32) run_phase("F0p", j.n_active, f0p_task, &j);
+        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32 || j.prep_pairs) run_phase("F0p", j.n_active, f0p_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
         if (j.r > 0) run_phase("F1L", pair_tasks, f1l_task, &j);
         if (j.q_fwd) run_phase("F1q", pair_tasks, f1q_task, &j);
-        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32) run_phase("F1p", j.n_active, f1p_task, &j);
+        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32 || j.prep_pairs) run_phase("F1p", j.n_active, f1p_task, &j);
         run_phase("F2", (a->H + j.cols_pt - 1) / j.cols_pt, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
@@ -719,12 +731,12 @@ int kt_moe_backward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("B0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, b0_task, &j);
         if (j.q_bwd) run_phase("B0q", pair_tasks, b0q_task, &j);
-        if (j.prep || (j.prep8 && j.q_bwd) || j.prep_f32) run_phase("B0p", j.n_active, b0p_task, &j);
+        if (j.prep || (j.prep8 && j.q_bwd) || j.prep_f32 || j.prep_pairs) run_phase("B0p", j.n_active, b0p_task, &j);
         run_phase("B1", j.n_active * j.I_blocks, b1_task, &j);
         if (j.r > 0) run_phase("B1L", pair_tasks, b1l_task, &j);
         run_phase("B2", pair_tasks, b2_task, &j);
         if (j.r > 0) run_phase("B2L", pair_tasks, b2l_task, &j);
-        if (j.prep || (j.prep8 && j.q_bwd) || j.prep_f32) run_phase("B2p", j.n_active, b2p_task, &j);
+        if (j.prep || (j.prep8 && j.q_bwd) || j.prep_f32 || j.prep_pairs) run_phase("B2p", j.n_active, b2p_task, &j);
         run_phase("B3", (a->H + j.cols_pt - 1) / j.cols_pt, b3_task, &j);
         if (j.r > 0) {
             run_phase("BG", 4 * j.n_active, bg_task, &j);

@@ -16,6 +16,10 @@
 #define _POSIX_C_SOURCE 200809L
 #include <time.h>
 
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "kt_internal.h"
 
 #if defined(__x86_64__)
@@ -126,6 +130,48 @@ static int probe_supported(int kind) { (void)kind; return 0; }
 static double run_probe(int kind, int64_t iters) { (void)kind; (void)iters; return 0.0; }
 #endif
 
+static double seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* ---- the bf16 products' instruction (KT_BF16_DOT_*) --------------------------------------- */
+
+/* vdpbf16ps pays where it does more multiply-adds per cycle than two zmm FMAs: ~2x on Zen 5,
+ * ~0.8x on Zen 4, ~0.5x on Sapphire / Emerald Rapids (docs/engine.md). The margin keeps a machine
+ * near parity, or a noisy probe, on the FMA kernels, so the choice (which changes the summation
+ * order, hence the low bits) does not flip between runs. */
+#define KT_DPBF16_MIN_RATIO 1.3
+
+double kt_bf16_dot_ratio(void) {
+    static _Atomic int state; /* 0: not measured, 1: measured */
+    static _Atomic double ratio;
+    if (atomic_load_explicit(&state, memory_order_acquire)) return atomic_load_explicit(&ratio, memory_order_relaxed);
+    double r = -1.0;
+    if (probe_supported(KT_PEAK_DPBF16_ZMM) && probe_supported(KT_PEAK_FMA_ZMM)) {
+        double best_dp = 0.0, best_fma = 0.0;
+        for (int rep = 0; rep < 5; rep++) { /* interleaved, so a busy moment hits both */
+            double t0 = seconds(), ops = run_probe(KT_PEAK_DPBF16_ZMM, 1 << 15), dt = seconds() - t0;
+            if (dt > 0 && ops / dt > best_dp) best_dp = ops / dt;
+            t0 = seconds(), ops = run_probe(KT_PEAK_FMA_ZMM, 1 << 15), dt = seconds() - t0;
+            if (dt > 0 && ops / dt > best_fma) best_fma = ops / dt;
+        }
+        r = best_fma > 0 ? best_dp / best_fma : -1.0;
+    }
+    atomic_store_explicit(&ratio, r, memory_order_relaxed);
+    atomic_store_explicit(&state, 1, memory_order_release);
+    return r;
+}
+
+int kt_bf16_dot(void) {
+    if (!(kt_cpu_features() & KT_CPU_AVX512BF16)) return KT_BF16_DOT_FMA;
+    const char *force = getenv("KT_SFT_BF16_DOT");
+    if (force && strcmp(force, "dpbf16") == 0) return KT_BF16_DOT_DPBF16;
+    if (force && strcmp(force, "fma") == 0) return KT_BF16_DOT_FMA;
+    return kt_bf16_dot_ratio() >= KT_DPBF16_MIN_RATIO ? KT_BF16_DOT_DPBF16 : KT_BF16_DOT_FMA;
+}
+
 #define KT_MAX_PROBE_THREADS 256
 
 typedef struct {
@@ -138,12 +184,6 @@ static void probe_task(void *vj, int64_t task, int tid) {
     (void)tid;
     probe_job *j = vj;
     j->ops[task] = run_probe(j->kind, j->iters);
-}
-
-static double seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 double kt_peak_gops(int kind, double min_seconds) {

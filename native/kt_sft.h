@@ -198,6 +198,16 @@ int kt_quantize_experts(int format, const void *src, int src_dtype, int64_t E, i
  * 2); runs for at least min_seconds. -1 where this CPU (or OS, for AMX) lacks the instruction. */
 double kt_peak_gops(int kind, double min_seconds);
 
+/* The avx512 path's products in the bf16 compute mode on bf16 packs (KT_SFT_BF16_DOT=fma|dpbf16|auto):
+ * zmm FMA on fp32 panels, or vdpbf16ps on panels of bf16 pairs, whichever this core runs faster
+ * (auto: decided once from kt_bf16_dot_ratio; vdpbf16ps only where the CPU has AVX512-BF16). */
+#define KT_BF16_DOT_FMA    0
+#define KT_BF16_DOT_DPBF16 1
+int kt_bf16_dot(void);
+/* vdpbf16ps' multiply-add rate over the zmm FMA's on the calling thread (best of a few short
+ * interleaved runs of each probe; measured once, then cached); -1 without AVX512-BF16. */
+double kt_bf16_dot_ratio(void);
+
 /* The MoE expert layer */
 int kt_moe_forward(const kt_moe_args *a);
 int kt_moe_backward(const kt_moe_args *a);

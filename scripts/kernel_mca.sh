@@ -62,6 +62,8 @@ YMM_CPUS = ["znver3", "skylake", "znver4", "sapphirerapids", "alderlake", "znver
 LOOPS = [
     ("avx512", "ukernel_12", "12x32 panel tile (nt and tn, M >= 13)", ZMM_CPUS),
     ("avx512", "ukernel_8", "8x32 panel tile (a tail tile)", ZMM_CPUS),
+    ("avx512", "ukernel_packed_12", "12x32 tile on the prepared operand", ZMM_CPUS),
+    ("avx512", "ukernel_dp_12", "bf16 pairs 12x32 vdpbf16ps tile", ZMM_CPUS + ["znver5"]),
     ("avx512", "ukernel_direct_bf16_12", "tn direct, bf16 dequant in loop (M <= 12)", ZMM_CPUS),
     ("avx512", "ukernel_direct_int8_12", "tn direct, int8 dequant in loop", ZMM_CPUS),
     ("avx512", "ukernel_direct_int4_12", "tn direct, int4 dequant in loop", ZMM_CPUS),
@@ -90,7 +92,7 @@ def op_of(func):
     """The dot-product instruction that bounds a loop: vpdpbusd in the avx512 int8 mode's, vpmaddwd
     in the avx2 one's (q_*), else the FMA."""
     return ("vpdpbusd" if "_q8_" in func or func.startswith("v_") else "vpmaddwd" if func.startswith(("q_", "cand_"))
-            else "vfmadd")
+            else "vdpbf16ps" if func.startswith("ukernel_dp") else "vfmadd")
 
 
 def hot_loop(asm_lines, func):
@@ -152,7 +154,7 @@ for src, func, what, cpus in LOOPS:
             extra = f"  {rate:5.1f} MACs/cycle, {rate / fma_tile[cpu]:.2f}x the fp32 FMA tile"
         print(f"{func:<26} {what:<44} {cpu:<15} {n_fma:>4} {cycles:>8.1f} {bound:>9.1f} {pct:>6.0f}%{extra}")
 print(f"\navx512 panel tiles (the hot loop of every product with M >= 13): worst {worst:.0f}% of the FMA bound")
-print("ops: the loop's dot-product instructions (vfmadd; vpdpbusd in the *_q8_* integer tiles, vpmaddwd in the")
+print("ops: the loop's dot-product instructions (vfmadd; vdpbf16ps in ukernel_dp_*; vpdpbusd in the *_q8_* integer tiles, vpmaddwd in the")
 print("avx2 q_* ones, whose vpaddd the bound leaves out), bound: their")
 print("reciprocal throughputs summed in the CPU model.")
 print("The direct/dot forms (few tokens) dequantize inside the loop, so their bound is shared with the")

@@ -44,6 +44,7 @@ def run_and_compare(ex: CPUExperts, x, idx, w, mode: ComputeMode):
         (64, 96, 40, 29, 6),     # E = 64, DeepSeek-V2-Lite's expert count and top-6
         (4, 33, 7, 5, 4),        # k = E
         (2, 70, 45, 130, 2),     # 130 rows per expert: avx512's prepared operand in 11 tiles, two C blocks
+        (2, 300, 150, 300, 2),   # 300 rows per expert: avx512's k-outer form, two token groups, two K slices
     ],
 )
 def test_matches_float64_reference(kernel_path, fmt, mode, e, h, inter, t, k, seed):
@@ -238,3 +239,51 @@ def test_kernel_self_check_passes_and_catches_a_bad_path(monkeypatch, request):
     monkeypatch.undo()
     forget()
     engine.set_kernel_path(best)
+
+
+def _dpbf16_paths() -> set[str]:
+    """Paths whose bf16 mode can run on vdpbf16ps: the SIMDe twin anywhere, avx512 where the CPU has
+    AVX512-BF16 (the amx path has its own bf16 tiles)."""
+    from kt_sft.engine._native import lib
+
+    paths = {"avx512-simde"}
+    if lib.kt_cpu_features() & lib.KT_CPU_AVX512BF16:
+        paths.add("avx512")
+    return paths
+
+
+# The vdpbf16ps kernels sum in another order than the FMA kernels (pairs, the odd product first) and
+# flush denormals; the bf16 mode then rounds h and the gradients to bf16, so an element whose fp32
+# sum lies next to a rounding boundary flips by one bf16 ulp (2^-8) and carries that on. Measured
+# 0.7-1.8e-4 (Frobenius, the shapes below, 10 seeds, both paths); a kernel that drops one product in a pair or
+# one K slice misses it by 30x or more.
+DPBF16_VS_FMA_REL_ERR = 1e-3
+
+
+@pytest.mark.parametrize(
+    "e,h,inter,t,k",
+    [
+        (1, 151, 45, 110, 1),    # odd contraction in tn (H = 151: a padding row in the last pair)
+        (2, 300, 150, 300, 2),   # two token groups, two K slices, partial blocks
+        (64, 96, 40, 290, 6),    # many experts of ~27 tokens; a few under the dot / direct forms' 13
+    ],
+)
+def test_dpbf16_kernels(kernel_path, e, h, inter, t, k, seed, monkeypatch):
+    """The bf16 mode's vdpbf16ps kernels (KT_SFT_BF16_DOT=dpbf16; chosen automatically only where the
+    core runs them faster than the zmm FMA) against the float64 reference and against the FMA kernels."""
+    if kernel_path not in _dpbf16_paths():
+        pytest.skip(f"{kernel_path} has no vdpbf16ps kernels")
+    gate_up, down = random_experts(e, h, inter)
+    idx, w = distinct_routing(t, e, k)
+    x = torch.randn(t, h).to(torch.bfloat16)
+    results = {}
+    for dot in ("fma", "dpbf16"):
+        monkeypatch.setenv("KT_SFT_BF16_DOT", dot)
+        # a fresh layer each time: a layer's recompute cache would hand back the first forward's y
+        ex = CPUExperts.from_tensors(gate_up, down, format="bf16", compute_mode=ComputeMode.BF16)
+        torch.manual_seed(99)  # the same dy inside run_and_compare
+        results[dot] = run_and_compare(ex, x, idx, w, ComputeMode.BF16)
+    errs = {name: rel_err(a.double(), b.double()) for name, a, b in zip(("y", "dx", "dw"), results["dpbf16"], results["fma"])}
+    assert max(errs.values()) <= DPBF16_VS_FMA_REL_ERR, f"{kernel_path}: dpbf16 vs fma {errs}"
+    # y leaves in bf16, which can hide the order difference; the gradients cannot all hide it
+    assert max(errs.values()) > 0, f"{kernel_path}: dpbf16 gave the FMA kernels' bits: did it run?"

@@ -129,9 +129,24 @@ def measure_peaks(seconds: float = 0.25) -> dict[str, float | None]:
     return out
 
 
-def peak_instruction(path: str, mode: str) -> str | None:
-    """The instruction whose peak bounds `path` in compute `mode` (None: scalar code, no SIMD bound)."""
+def peak_instruction(path: str, mode: str, fmt: str | None = None) -> str | None:
+    """The instruction whose peak bounds `path` in compute `mode` (None: scalar code, no SIMD bound);
+    with bf16 packs (`fmt`) the avx512 path's bf16 mode runs on vdpbf16ps where bf16_dot() chose it."""
+    if path == "avx512" and mode == "bf16" and fmt == "bf16" and bf16_dot() == "dpbf16":
+        return "dpbf16_zmm"
     return _BOUND_BY.get((path, mode))
+
+
+def bf16_dot() -> str:
+    """The avx512 path's products in the bf16 mode on bf16 packs: "dpbf16" (vdpbf16ps) or "fma" (zmm FMA),
+    whichever this core runs faster (KT_SFT_BF16_DOT=fma|dpbf16 forces one; dpbf16 needs AVX512-BF16)."""
+    return "dpbf16" if lib.kt_bf16_dot() == lib.KT_BF16_DOT_DPBF16 else "fma"
+
+
+def bf16_dot_ratio() -> float | None:
+    """vdpbf16ps' multiply-add rate over the zmm FMA's on one core (measured once); None without AVX512-BF16."""
+    r = lib.kt_bf16_dot_ratio()
+    return round(r, 2) if r >= 0 else None
 
 
 def engine_info() -> dict:
@@ -142,6 +157,8 @@ def engine_info() -> dict:
         "threads": lib.kt_get_num_threads(),
         "cpu_flags": [name for name, bit in _CPU_FLAGS.items() if feats & bit],
         "abi_version": lib.kt_abi_version(),
+        "bf16_dot": bf16_dot(),
+        "bf16_dot_ratio": bf16_dot_ratio(),
     }
 
 
