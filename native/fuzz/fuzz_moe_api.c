@@ -16,6 +16,7 @@
  * Input layout: a 16-byte header of choices, then bytes consumed in order for ids, routing weights,
  * activations and weights (cycled if the input is short).
  */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -94,6 +95,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const int threads = 1 + ((h[11] & 15) == 0); /* rarely 2: a worker handoff costs more than a call */
     const int null_buffer = h[12] == 255;        /* one missing buffer */
     const int special = (h[13] & 1) != 0;        /* NaN/Inf in activations and routing weights */
+    /* the avx512 paths' bf16 products: vdpbf16ps kernels (where the path has them) or the FMA ones */
+    setenv("KT_SFT_BF16_DOT", (h[13] & 2) ? "dpbf16" : "fma", 1);
 
     kt_select_isa(isa);
     kt_set_num_threads(threads);
