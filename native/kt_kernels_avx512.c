@@ -809,14 +809,21 @@ static void tn_avx512(const kt_gemm *g) {
  *   tn (backward): P[q][j] = W[4q .. 4q+4)[c0+j]       (int8 quants, 4 rows interleaved bytewise)
  * and a token's quad of activations is broadcast to the 16 lanes.
  *
- * u8 x s8 with signed activations: the broadcast is biased to a + 128 (xor 0x80, in [1, 255]) and
- * the panel keeps the signed weights, so sum (a + 128) w = sum a w + 128 sum w, and 128 sum w per
- * output column (per 32-block for int4) is a property of the panel, computed when it is built:
+ * u8 x s8 with signed activations and weights, one of them biased by 128 (xor 0x80, in [1, 255]):
+ *   int8 weights (nt and tn, since session 7): the panel holds w + 128 as the unsigned operand and
+ *   the token's quad is the signed one, broadcast as it is loaded, so sum (w + 128) a = sum a w +
+ *   128 sum a and the correction belongs to the token row (row_corr, once per tile row and panel).
+ *   Before, the broadcast was biased (a + 128) and the panel kept the signed weights: a vpbroadcastd
+ *   from a register and a vpxord per token and quad, two vector uops beside every two vpdpbusd,
+ *   which held the tile near half the vpdpbusd rate (forward 1.10-1.23x faster without them, one
+ *   core, V2-Lite layer; same bits).
+ *   int4 weights (nt): still the biased broadcast against the signed q - 8 panel; the correction
+ *   128 sum w per output column and 32-block is a property of the panel, computed when it is built:
  *   sum a w = acc - corr,  corr[j] = 128 * sum_q (sum of P[q][j]'s four bytes).
  * Exactness: only the non-saturating vpdpbusd (never vpdpbusds) and wrapping vpsubd are used, so acc
  * and corr are exact modulo 2^32; acc can pass 2^31 for K > 66,311 (255 * 127 * K), but the result
  * |sum a w| <= 127 * 127 * K < 2^31 for K <= 131072 (kt_sft checks that bound in Python), so the
- * wrapped difference is the exact sum. The integer sums equal the scalar path's, and the fp32
+ * wrapped difference is the exact sum (row_corr's sum likewise, modulo 2^32). The integer sums equal the scalar path's, and the fp32
  * epilogue repeats its operations in its order (int8: ((s * d[n]) * a_scale) * alpha, then + out;
  * int4: acc += s_b * d_b per block, no FMA), so the results are bitwise those of kt_nt_q8_scalar /
  * kt_tn_q8_scalar.
@@ -858,17 +865,37 @@ static inline __attribute__((always_inline)) zi bcast_quad(const int8_t *a, int6
 
 /* acc[i][0..2) (+)= sum_{q in [q0, q1)} bcast(a[i], q) . P[q] (int32 lanes), R <= QMR8 rows; always
  * inlined with a constant R, so each tile height gets its own loop. */
-static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R, int64_t q0, int64_t q1,
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R, int biased, int64_t q0, int64_t q1,
                                                                           const int8_t *const *a,
                                                                           const int32_t *P, zi acc[][2]) {
     for (int64_t q = q0; q < q1; q++) {
         const zi p0 = ZMM(load_si512)(P + q * QNR), p1 = ZMM(load_si512)(P + q * QNR + 16);
         for (int i = 0; i < R; i++) {
-            const zi b = bcast_quad(a[i], q);
-            acc[i][0] = ZMM(dpbusd_epi32)(acc[i][0], b, p0);
-            acc[i][1] = ZMM(dpbusd_epi32)(acc[i][1], b, p1);
+            if (biased) { /* the panel is the unsigned operand, the token's quad the signed one */
+                int32_t v;
+                memcpy(&v, a[i] + 4 * q, 4);
+                const zi b = ZMM(set1_epi32)(v);
+                acc[i][0] = ZMM(dpbusd_epi32)(acc[i][0], p0, b);
+                acc[i][1] = ZMM(dpbusd_epi32)(acc[i][1], p1, b);
+            } else {
+                const zi b = bcast_quad(a[i], q);
+                acc[i][0] = ZMM(dpbusd_epi32)(acc[i][0], b, p0);
+                acc[i][1] = ZMM(dpbusd_epi32)(acc[i][1], b, p1);
+            }
         }
     }
+}
+
+/* 128 x the sum of a row's int8 values over [0, n) (n a multiple of 64; the rows are zero-padded):
+ * the correction of the biased panels, sum (w + 128) a = sum w a + 128 sum a. */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET zi row_corr(const int8_t *a, int64_t n) {
+    zi s = ZMM(setzero_si512)();
+    for (int64_t k = 0; k < n; k += 64) s = ZMM(dpbusd_epi32)(s, ZMM(set1_epi8)(1), ZMM(loadu_si512)(a + k));
+    const yi s8 = YMM(add_epi32)(lo_i(s), hi_i(s));
+    uint32_t t[8], sum = 0; /* modulo 2^32, as the sums it corrects */
+    memcpy(t, &s8, sizeof t);
+    for (int i = 0; i < 8; i++) sum += t[i];
+    return ZMM(set1_epi32)((int32_t)(sum * 128u));
 }
 
 /* The fp32 epilogue of one output row: v = ((v * a_scale) * alpha) (+ out), columns [0, width). */
@@ -903,7 +930,8 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET zi quad_sums(zi s, z
 /* nt panel of rows [n0, n0 + rows): P[q][j] for q < K_pad / 4 (rounded up to 16 quads; rows past
  * `rows` and columns past K_pad are zero), and corr[b][j] = 128 * sum of row j's quants over
  * contraction block b (blk_q quads: the whole row for int8, 8 quads = one 32-block for int4). */
-static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(int fmt, const kt_matrix_layout *L,
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(int fmt, int biased,
+                                                                               const kt_matrix_layout *L,
                                                                                const uint8_t *mat, int64_t n0,
                                                                                int64_t rows, int32_t *P,
                                                                                int32_t *corr) {
@@ -937,6 +965,10 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(i
             for (int i = 0; i < 16; i++) {
                 const zi v = ZMM(castps_si512)(r[i]);
                 const int64_t q = k / 4 + i;
+                if (biased) { /* w + 128 as u8; no column sums (the rows carry the correction) */
+                    ZMM(store_si512)(P + q * QNR + half * 16, ZMM(xor_si512)(v, ZMM(set1_epi8)((char)0x80)));
+                    continue;
+                }
                 ZMM(store_si512)(P + q * QNR + half * 16, v);
                 if (q < K_pad / 4) {
                     s[half] = quad_sums(s[half], v);
@@ -953,8 +985,7 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(i
 /* out[m][n - lo] (+)= alpha[m] * a_scale[m] * d[n] * sum_k q[m][k] Wq[n][k], int8 weights. */
 static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int8_tile(int R, const kt_gemm *g,
                                                                                  int64_t m0, const int32_t *P,
-                                                                                 const int32_t *corr, zf d0,
-                                                                                 zf d1, int64_t col,
+                                                                                 zf d0, zf d1, int64_t col,
                                                                                  int64_t width) {
     const int8_t *a[QMR8];
     zi acc[QMR8][2];
@@ -962,11 +993,11 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int8_tile
         a[i] = g->a_rows[m0 + i];
         acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
     }
-    q8_steps(R, 0, g->L->K_pad / 4, a, P, acc);
-    const zi c0 = ZMM(load_si512)(corr), c1 = ZMM(load_si512)(corr + 16);
+    q8_steps(R, 1, 0, g->L->K_pad / 4, a, P, acc);
     for (int i = 0; i < R; i++) {
-        const zf v0 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)), d0);
-        const zf v1 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)), d1);
+        const zi c = row_corr(a[i], (g->L->K_pad + 63) & ~(int64_t)63);
+        const zf v0 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c)), d0);
+        const zf v1 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][1], c)), d1);
         q8_store_row(g, m0 + i, col, width, v0, v1);
     }
 }
@@ -987,7 +1018,7 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int4_tile
     for (int64_t b = 0; b < nb; b++) {
         zi acc[QMR4][2];
         for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
-        q8_steps(R, b * bq, (b + 1) * bq, a, P, acc);
+        q8_steps(R, 0, b * bq, (b + 1) * bq, a, P, acc);
         const zi c0 = ZMM(load_si512)(corr + b * QNR), c1 = ZMM(load_si512)(corr + b * QNR + 16);
         const zf d0 = ZMM(load_ps)(D + b * QNR), d1 = ZMM(load_ps)(D + b * QNR + 16);
         for (int i = 0; i < R; i++) {
@@ -999,9 +1030,9 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int4_tile
 }
 
 #define KT_Q8_TILES(R)                                                                                           \
-    static KT_VNNI_TARGET void nt_q8_int8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,              \
-                                                   const int32_t *corr, zf d0, zf d1, int64_t col, int64_t w) { \
-        nt_q8_int8_tile(R, g, m0, P, corr, d0, d1, col, w);                                                      \
+    static KT_VNNI_TARGET void nt_q8_int8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P, zf d0,       \
+                                                   zf d1, int64_t col, int64_t w) {                              \
+        nt_q8_int8_tile(R, g, m0, P, d0, d1, col, w);                                                            \
     }
 #define KT_Q4_TILES(R)                                                                                           \
     static KT_VNNI_TARGET void nt_q8_int4_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,              \
@@ -1015,8 +1046,7 @@ KT_Q4_TILES(1) KT_Q4_TILES(2) KT_Q4_TILES(3) KT_Q4_TILES(4) KT_Q4_TILES(5) KT_Q4
 #undef KT_Q8_TILES
 #undef KT_Q4_TILES
 _Static_assert(QMR8 == 12 && QMR4 == 6, "the tables below list one tile per height");
-typedef void (*nt_q8_int8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, zf, zf, int64_t,
-                                   int64_t);
+typedef void (*nt_q8_int8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, zf, zf, int64_t, int64_t);
 typedef void (*nt_q8_int4_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, const float *,
                                    int64_t, int64_t);
 static const nt_q8_int8_tile_fn nt_q8_int8_tiles[QMR8 + 1] = {
@@ -1045,28 +1075,27 @@ static KT_VNNI_TARGET void nt_q8_vnni(const kt_gemm *g) {
             for (int64_t j = 0; j < width; j++) d[j] = int8_scale(L, g->w, n0 + j);
             d0 = ZMM(loadu_ps)(d);
             d1 = ZMM(loadu_ps)(d + 16);
-            q8_panel_rows(KT_FORMAT_INT8, L, g->w, n0, width, P, corr);
+            q8_panel_rows(KT_FORMAT_INT8, 1, L, g->w, n0, width, P, corr);
         } else {
             for (int64_t b = 0; b < nb; b++)
                 for (int64_t j = 0; j < QNR; j++) D[b * QNR + j] = j < width ? int4_scale(L, g->w, n0 + j, b) : 0.0f;
-            q8_panel_rows(KT_FORMAT_INT4, L, g->w, n0, width, P, corr);
+            q8_panel_rows(KT_FORMAT_INT4, 0, L, g->w, n0, width, P, corr);
         }
         for (int64_t t = 0; t < tiles; t++) {
             int64_t m0, rows;
             q_tile_of(g->M, mr, t, &m0, &rows);
-            if (int8) nt_q8_int8_tiles[rows](g, m0, P, corr, d0, d1, n0 - g->lo, width);
+            if (int8) nt_q8_int8_tiles[rows](g, m0, P, d0, d1, n0 - g->lo, width);
             else nt_q8_int4_tiles[rows](g, m0, P, corr, D, n0 - g->lo, width);
         }
     }
 }
 
-/* tn panel of columns [c0, c0 + width), width <= 32: P[q][j] = bytes W[4q + i][c0 + j], i < 4, for
- * q < N / 4 rounded up (rows past N zero), and corr[j] = 128 * sum_n W[n][c0 + j]. ymm unpacks work
- * inside 128-bit lanes: lane 0 holds columns 0..15, lane 1 columns 16..31. */
+/* tn panel of columns [c0, c0 + width), width <= 32: P[q][j] = bytes W[4q + i][c0 + j] + 128 (u8),
+ * i < 4, for q < N / 4 rounded up (rows past N zero before the bias). ymm unpacks work inside 128-bit
+ * lanes: lane 0 holds columns 0..15, lane 1 columns 16..31. */
 static KT_VNNI_TARGET void q8_panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0,
-                                            int64_t width, int32_t *P, int32_t *corr) {
+                                            int64_t width, int32_t *P) {
     const int64_t N = L->N, nq = (N + 3) / 4;
-    zi s0 = ZMM(setzero_si512)(), s1 = ZMM(setzero_si512)();
     for (int64_t q = 0; q < nq; q++) {
         yi r[4];
         for (int i = 0; i < 4; i++) {
@@ -1081,42 +1110,38 @@ static KT_VNNI_TARGET void q8_panel_columns(const kt_matrix_layout *L, const uin
         const yi q2 = YMM(unpacklo_epi16)(t01h, t23h), q3 = YMM(unpackhi_epi16)(t01h, t23h);
         const zi v0 = join_i(YMM(permute2x128_si256)(q0, q1, 0x20), YMM(permute2x128_si256)(q2, q3, 0x20));
         const zi v1 = join_i(YMM(permute2x128_si256)(q0, q1, 0x31), YMM(permute2x128_si256)(q2, q3, 0x31));
-        ZMM(store_si512)(P + q * QNR, v0);
-        ZMM(store_si512)(P + q * QNR + 16, v1);
-        s0 = quad_sums(s0, v0);
-        s1 = quad_sums(s1, v1);
+        ZMM(store_si512)(P + q * QNR, ZMM(xor_si512)(v0, ZMM(set1_epi8)((char)0x80)));
+        ZMM(store_si512)(P + q * QNR + 16, ZMM(xor_si512)(v1, ZMM(set1_epi8)((char)0x80)));
     }
-    ZMM(store_si512)(corr, ZMM(slli_epi32)(s0, 7));
-    ZMM(store_si512)(corr + 16, ZMM(slli_epi32)(s1, 7));
 }
 
 /* out[m][c - lo] (+)= alpha[m] * a_scale[m] * sum_n q[m][n] Wq[n][c] (int8 weights, their row scales
  * folded into q by the caller). */
 static inline __attribute__((always_inline)) KT_VNNI_TARGET void tn_q8_tile(int R, const kt_gemm *g, int64_t m0,
-                                                                            const int32_t *P, const int32_t *corr,
-                                                                            int64_t col, int64_t width) {
+                                                                            const int32_t *P, int64_t col,
+                                                                            int64_t width) {
     const int8_t *a[QMR8];
     zi acc[QMR8][2];
     for (int i = 0; i < R; i++) {
         a[i] = g->a_rows[m0 + i];
         acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
     }
-    q8_steps(R, 0, (g->L->N + 3) / 4, a, P, acc);
-    const zi c0 = ZMM(load_si512)(corr), c1 = ZMM(load_si512)(corr + 16);
-    for (int i = 0; i < R; i++)
-        q8_store_row(g, m0 + i, col, width, cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)),
-                     cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)));
+    q8_steps(R, 1, 0, (g->L->N + 3) / 4, a, P, acc);
+    for (int i = 0; i < R; i++) {
+        const zi c = row_corr(a[i], (g->L->N + 63) & ~(int64_t)63);
+        q8_store_row(g, m0 + i, col, width, cvt_ps(ZMM(sub_epi32)(acc[i][0], c)), cvt_ps(ZMM(sub_epi32)(acc[i][1], c)));
+    }
 }
 
 #define KT_TN_TILES(R)                                                                                           \
-    static KT_VNNI_TARGET void tn_q8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P,                   \
-                                              const int32_t *corr, int64_t col, int64_t w) {                     \
-        tn_q8_tile(R, g, m0, P, corr, col, w);                                                                   \
+    static KT_VNNI_TARGET void tn_q8_tile_##R(const kt_gemm *g, int64_t m0, const int32_t *P, int64_t col,     \
+                                              int64_t w) {                                                       \
+        tn_q8_tile(R, g, m0, P, col, w);                                                                         \
     }
 KT_TN_TILES(1) KT_TN_TILES(2) KT_TN_TILES(3) KT_TN_TILES(4) KT_TN_TILES(5) KT_TN_TILES(6)
 KT_TN_TILES(7) KT_TN_TILES(8) KT_TN_TILES(9) KT_TN_TILES(10) KT_TN_TILES(11) KT_TN_TILES(12)
 #undef KT_TN_TILES
-typedef void (*tn_q8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, const int32_t *, int64_t, int64_t);
+typedef void (*tn_q8_tile_fn)(const kt_gemm *, int64_t, const int32_t *, int64_t, int64_t);
 static const tn_q8_tile_fn tn_q8_tiles[QMR8 + 1] = {
     NULL, tn_q8_tile_1, tn_q8_tile_2, tn_q8_tile_3, tn_q8_tile_4, tn_q8_tile_5, tn_q8_tile_6,
     tn_q8_tile_7, tn_q8_tile_8, tn_q8_tile_9, tn_q8_tile_10, tn_q8_tile_11, tn_q8_tile_12};
@@ -1124,15 +1149,15 @@ static const tn_q8_tile_fn tn_q8_tiles[QMR8 + 1] = {
 static KT_VNNI_TARGET void tn_q8_vnni(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
     assert(L->format == KT_FORMAT_INT8 && L->N <= Q8_MAX_K && g->lo % 16 == 0);
-    int32_t *P = (int32_t *)g->scratch, *corr = P + ((L->N + 3) / 4) * QNR;
+    int32_t *P = (int32_t *)g->scratch;
     const int64_t tiles = (g->M + QMR8 - 1) / QMR8;
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += QNR) {
         const int64_t width = g->hi - c0 < QNR ? g->hi - c0 : QNR;
-        q8_panel_columns(L, g->w, c0, width, P, corr);
+        q8_panel_columns(L, g->w, c0, width, P);
         for (int64_t t = 0; t < tiles; t++) {
             int64_t m0, rows;
             q_tile_of(g->M, QMR8, t, &m0, &rows);
-            tn_q8_tiles[rows](g, m0, P, corr, c0 - g->lo, width);
+            tn_q8_tiles[rows](g, m0, P, c0 - g->lo, width);
         }
     }
 }
