@@ -928,14 +928,14 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET zi quad_sums(zi s, z
 }
 
 /* nt panel of rows [n0, n0 + rows): P[q][j] for q < K_pad / 4 (rounded up to 16 quads; rows past
- * `rows` and columns past K_pad are zero), and corr[b][j] = 128 * sum of row j's quants over
- * contraction block b (blk_q quads: the whole row for int8, 8 quads = one 32-block for int4). */
-static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(int fmt, int biased,
-                                                                               const kt_matrix_layout *L,
+ * `rows` and columns past K_pad are zero before any bias). int8: the quants + 128 as u8 (the tile's
+ * correction is per token row, row_corr). int4: q - 8, signed, and corr[b][j] = 128 * the sum of
+ * row j's over 32-block b (8 quads). */
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(int fmt, const kt_matrix_layout *L,
                                                                                const uint8_t *mat, int64_t n0,
                                                                                int64_t rows, int32_t *P,
                                                                                int32_t *corr) {
-    const int64_t K_pad = L->K_pad, blk_q = fmt == KT_FORMAT_INT8 ? K_pad / 4 : KT_INT4_BLOCK / 4;
+    const int64_t K_pad = L->K_pad, blk_q = KT_INT4_BLOCK / 4;
     const zi lo4 = ZMM(set1_epi8)(0x0f), eight = ZMM(set1_epi8)(8);
     zi s[2] = {ZMM(setzero_si512)(), ZMM(setzero_si512)()};
     for (int64_t k = 0; k < K_pad; k += 64) {
@@ -965,7 +965,7 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_panel_rows(i
             for (int i = 0; i < 16; i++) {
                 const zi v = ZMM(castps_si512)(r[i]);
                 const int64_t q = k / 4 + i;
-                if (biased) { /* w + 128 as u8; no column sums (the rows carry the correction) */
+                if (fmt == KT_FORMAT_INT8) { /* w + 128 as u8 */
                     ZMM(store_si512)(P + q * QNR + half * 16, ZMM(xor_si512)(v, ZMM(set1_epi8)((char)0x80)));
                     continue;
                 }
@@ -1075,11 +1075,11 @@ static KT_VNNI_TARGET void nt_q8_vnni(const kt_gemm *g) {
             for (int64_t j = 0; j < width; j++) d[j] = int8_scale(L, g->w, n0 + j);
             d0 = ZMM(loadu_ps)(d);
             d1 = ZMM(loadu_ps)(d + 16);
-            q8_panel_rows(KT_FORMAT_INT8, 1, L, g->w, n0, width, P, corr);
+            q8_panel_rows(KT_FORMAT_INT8, L, g->w, n0, width, P, NULL);
         } else {
             for (int64_t b = 0; b < nb; b++)
                 for (int64_t j = 0; j < QNR; j++) D[b * QNR + j] = j < width ? int4_scale(L, g->w, n0 + j, b) : 0.0f;
-            q8_panel_rows(KT_FORMAT_INT4, 0, L, g->w, n0, width, P, corr);
+            q8_panel_rows(KT_FORMAT_INT4, L, g->w, n0, width, P, corr);
         }
         for (int64_t t = 0; t < tiles; t++) {
             int64_t m0, rows;
