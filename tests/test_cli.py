@@ -34,6 +34,22 @@ def test_doctor_json():
     assert set(report["versions"]) >= {"torch", "transformers", "cffi", "kt_sft"}
 
 
+@pytest.mark.parametrize("forced", ["fma", "dpbf16"])
+def test_doctor_says_which_bf16_products_the_avx512_path_runs(forced, monkeypatch):
+    """KT_SFT_BF16_DOT forces the choice where the CPU has AVX512-BF16; elsewhere the FMA kernels run."""
+    from kt_sft.engine._native import lib
+
+    monkeypatch.setenv("KT_SFT_BF16_DOT", forced)  # inherited by the subprocesses
+    has_bf16 = bool(lib.kt_cpu_features() & lib.KT_CPU_AVX512BF16)
+    proc = kt_sft("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    eng = json.loads(proc.stdout)["engine"]
+    assert eng["bf16_dot"] == (forced if has_bf16 else "fma")
+    assert (eng["bf16_dot_ratio"] is None) == (not has_bf16)
+    line = next(l for l in kt_sft("doctor").stdout.splitlines() if l.startswith("bf16 products"))
+    assert ("vdpbf16ps on the avx512 path" in line) == (forced == "dpbf16" and has_bf16), line
+
+
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "kernels.json"
