@@ -823,8 +823,8 @@ static void tn_avx512(const kt_gemm *g) {
  * Exactness: only the non-saturating vpdpbusd (never vpdpbusds) and wrapping vpsubd are used, so acc
  * and corr are exact modulo 2^32; acc can pass 2^31 for K > 66,311 (255 * 127 * K), but the result
  * |sum a w| <= 127 * 127 * K < 2^31 for K <= 131072 (kt_sft checks that bound in Python), so the
- * wrapped difference is the exact sum (row_corr's sum likewise, modulo 2^32). The integer sums equal the scalar path's, and the fp32
- * epilogue repeats its operations in its order (int8: ((s * d[n]) * a_scale) * alpha, then + out;
+ * wrapped difference is the exact sum (row_corr's sum likewise, modulo 2^32). The integer sums
+ * equal the scalar path's, and the fp32 epilogue repeats its operations in its order (int8: ((s * d[n]) * a_scale) * alpha, then + out;
  * int4: acc += s_b * d_b per block, no FMA), so the results are bitwise those of kt_nt_q8_scalar /
  * kt_tn_q8_scalar.
  *

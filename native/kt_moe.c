@@ -194,6 +194,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->prep_f32 = !j->prep && !j->prep_pairs && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;
+    /* > 0 exactly when some operand is prepared (the forward's F0p / F1p phases test it) */
     const int64_t op_rows = j->prep || j->prep8 || j->prep8_bf16 || j->prep_f32 || j->prep_pairs ? ((P + 15) / 16 + E) * 16 : 0;
     size_t off = 0, sizes[21];
 #define CARVE(idx, n) (sizes[idx] = off, off += (((size_t)(n)) + 63) & ~(size_t)63)
@@ -560,11 +561,11 @@ int kt_moe_forward(const kt_moe_args *a) {
         const int64_t pair_tasks = (j.P + PAIRS_PER_TASK - 1) / PAIRS_PER_TASK;
         run_phase("F0", (a->T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK, f0_task, &j);
         if (j.r > 0) run_phase("F0L", pair_tasks, f0l_task, &j);
-        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32 || j.prep_pairs) run_phase("F0p", j.n_active, f0p_task, &j);
+        if (j.op_rows) run_phase("F0p", j.n_active, f0p_task, &j);
         run_phase("F1", j.n_active * j.I_blocks, f1_task, &j);
         if (j.r > 0) run_phase("F1L", pair_tasks, f1l_task, &j);
         if (j.q_fwd) run_phase("F1q", pair_tasks, f1q_task, &j);
-        if (j.prep || j.prep8 || j.prep8_bf16 || j.prep_f32 || j.prep_pairs) run_phase("F1p", j.n_active, f1p_task, &j);
+        if (j.op_rows) run_phase("F1p", j.n_active, f1p_task, &j);
         run_phase("F2", (a->H + j.cols_pt - 1) / j.cols_pt, f2_task, &j);
     }
     pthread_mutex_unlock(&g_engine_lock);
