@@ -25,6 +25,10 @@ for arg in "$@"; do
 done
 [ ${#TARGETS[@]} -eq 0 ] && TARGETS=(c_api pack safetensors engine_api)
 mkdir -p build/fuzz
+# the harnesses' scratch files (RAM-backed where /dev/shm exists), removed however the run ends
+KT_FUZZ_TMP=$(mktemp -d "$([ -d /dev/shm ] && echo /dev/shm || echo "${TMPDIR:-/tmp}")/kt_fuzz.XXXXXX")
+export KT_FUZZ_TMP
+trap 'rm -rf "$KT_FUZZ_TMP"' EXIT
 while [ -e /tmp/BENCH_LOCK ]; do echo "[fuzz] /tmp/BENCH_LOCK present, waiting"; sleep 30; done
 
 build_c_api() {

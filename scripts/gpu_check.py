@@ -6,8 +6,14 @@
 3. One training step of a tiny DeepSeek-V2 (random weights, built in-process) with the non-expert
    part on CUDA and the experts on the CPU: loss and gradients vs the all-CPU run; wall-time split
    between the experts (host) and the rest.
+4. Issue #14 item 8, the route several ranks take, on one GPU: a 1-rank process group over NCCL, a
+   tiny converted Qwen3-MoE with PEFT LoRA on attention and experts moved to CUDA, wrapped in DDP (which
+   must accept it: the expert LoRA stays on the CPU and is ignored by DDP) and trained 4 steps with
+   kt_sft's node-shared expert optimizer taking the expert LoRA out of torch's AdamW; then the same under
+   DeepSpeed ZeRO-2 (when deepspeed is installed; its start-up broadcast must skip the CPU tensors).
+   Losses and expert LoRA vs the same steps all on the CPU.
 Writes $OUT/gpu_check.json (or ./gpu_check.json). Needs torch with CUDA, transformers, the built
-kt_sft extension; not llamafactory.
+kt_sft extension (and peft + accelerate for 4, deepspeed optional); not llamafactory.
 """
 
 import json
@@ -143,14 +149,121 @@ def check_training_step(report):
     }
 
 
+def _tiny_kt_model(work):
+    """A converted tiny Qwen3-MoE with LoRA (r=4) on attention and the experts, fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kt_sft.fixtures import build_fixtures
+    from kt_sft.integration.convert import convert
+
+    if not os.path.isdir(os.path.join(work, "kt")):
+        build_fixtures(os.path.join(work, "fx"), archs=["qwen3_moe"], log=None)
+        convert(os.path.join(work, "fx", "models", "qwen3_moe"), os.path.join(work, "kt"), "bf16", progress=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "kt"), trust_remote_code=True, dtype=torch.float32)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "experts"],
+                     init_lora_weights="gaussian")
+    return get_peft_model(model, cfg)
+
+
+def _train_steps(device, engine, work, steps=4):
+    """`steps` AdamW steps of the tiny model on `device` through DDP or DeepSpeed ZeRO-2 (1 rank)."""
+    from types import SimpleNamespace
+
+    from kt_sft.integration import expert_optimizer
+    from kt_sft.integration.distributed import expert_lora_sync_of
+
+    model = _tiny_kt_model(work).to(device)
+    # no clipping: under DeepSpeed the expert LoRA is clipped by its own norm, under DDP by the model's
+    trainer = SimpleNamespace(model=model, args=SimpleNamespace(fp16=False, max_grad_norm=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    if engine == "zero2":
+        import deepspeed
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+                  "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+        keep = HfDeepSpeedConfig(config)  # noqa: F841 - registers the config: kt_sft sees DeepSpeed is on
+        ours = expert_optimizer.attach(trainer, opt)
+        wrapped, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    else:
+        ours = expert_optimizer.attach(trainer, opt)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device == "cuda" else None)
+    sync = expert_lora_sync_of(model)
+    start = {n: p.detach().clone() for n, p in sync._params.values()}
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        ids = torch.randint(0, 1000, (2, 64), generator=g).to(device)
+        loss = wrapped(input_ids=ids, labels=ids).loss
+        if engine == "zero2":
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    lora = {n: p.detach().clone() for n, p in sync._params.values()}
+    moved = max(float((lora[n] - t).norm()) for n, t in start.items())  # the steps did train it
+    return {"losses": losses, "lora": lora, "expert_optimizer": ours is not None, "expert_lora_moved": moved,
+            "lora_devices": sorted({str(p.device) for p in lora.values()}),
+            "all_reduces": sync.all_reduces}
+
+
+def check_ranks_route(report):
+    """Item 4 of the module docstring. One process group per engine: NCCL (gloo on a CPU dry run)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    work = os.path.join(tempfile.gettempdir(), "kt_gpu_check_ranks")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29611", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    out = {}
+    for engine in ("ddp", "zero2"):
+        if engine == "zero2":
+            try:
+                import deepspeed  # noqa: F401
+            except ImportError:
+                out[engine] = "skipped: deepspeed is not installed"
+                continue
+        try:
+            dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo", rank=0, world_size=1)
+            got = _train_steps(DEVICE, engine, work)
+        except Exception as exc:  # noqa: BLE001 - recorded in the report
+            out[engine] = f"error: {type(exc).__name__}: {exc}"
+            continue
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        out[engine] = got
+    # the reference: the same steps, all on the CPU, under DDP over gloo
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ref = _train_steps("cpu", "ddp", work)
+    finally:
+        dist.destroy_process_group()
+    for engine, got in out.items():
+        if not isinstance(got, dict):
+            continue
+        worst = max(float((got["lora"][n].cpu() - t).norm() / t.norm().clamp_min(1e-12)) for n, t in ref["lora"].items())
+        out[engine] = {"losses": got["losses"], "losses_cpu_ddp": ref["losses"],
+                       "worst_loss_gap": max(abs(a - b) for a, b in zip(got["losses"], ref["losses"])),
+                       "worst_expert_lora_rel_diff": worst, "expert_lora_on": got["lora_devices"],
+                       "kt_sft_expert_optimizer": got["expert_optimizer"],
+                       "expert_lora_moved_by": got["expert_lora_moved"]}
+    report["ranks_route"] = out
+
+
 def main():
     report = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": DEVICE,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
               "engine": kt_sft.engine_info()}
-    for check in (check_experts, check_expert_lora, check_training_step):
+    for check in (check_experts, check_expert_lora, check_training_step, check_ranks_route):
         try:
             check(report)
-        except Exception as exc:  # report and go on: one run of this script is all the GPU time there is
+        except Exception as exc:  # noqa: BLE001 - report and go on: one run of this script is all the GPU time there is
             report[check.__name__] = f"error: {type(exc).__name__}: {exc}"
     text = json.dumps(report, indent=2, default=str)
     print(text)

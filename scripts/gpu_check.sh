@@ -3,6 +3,7 @@
 # with CUDA and transformers, but no cffi: carry a cffi wheel in .whl/, see the device README):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_17_x86_64 -d .whl cffi==2.0.0 pycparser==2.22   # here, once
+#   python3 -m pip download --no-deps -d .whl peft==0.18.1 accelerate==1.11.0   # check 4 (pure Python)
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=420)
 # Builds the C extension in place with gcc, then runs scripts/gpu_check.py.
 set -euo pipefail

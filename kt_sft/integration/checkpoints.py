@@ -101,6 +101,26 @@ def checkpoint_problems(ckpt: str | os.PathLike) -> list[str]:
             p = _torch_zip_problem(ckpt / name)
             if p:
                 problems.append(p)
+    return problems + _expert_optimizer_problems(ckpt)
+
+
+def _expert_optimizer_problems(ckpt: Path) -> list[str]:
+    """kt_sft's expert-LoRA optimizer state (kt_sft.integration.expert_optimizer), when the checkpoint has it."""
+    from kt_sft.integration.expert_optimizer import CHECKPOINT_DIR, read_index
+
+    d = ckpt / CHECKPOINT_DIR
+    if not d.is_dir():
+        return []
+    try:
+        index = read_index(d)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = []
+    for name, _, _ in index["shards"]:
+        f = d / name
+        p = _safetensors_problem(f) if f.is_file() else f"{CHECKPOINT_DIR}/{name} is missing"
+        if p:
+            problems.append(p)
     return problems
 
 
@@ -128,9 +148,25 @@ def check_resumable(ckpt: str | os.PathLike) -> None:
         f"{hint}, or delete {ckpt.name} so the newest complete one is picked.")
 
 
+def _restore_on_cpu_index(storage, location: str):
+    """torch.load's deserializer for locations "cpu:N". transformers 5.6 resumes a multi-process run with
+    map_location=args.device, which is torch.device("cpu", 0) on CPU ranks, and torch only knows "cpu":
+    every CPU DDP resume (plain LLaMA-Factory's too) failed with "don't know how to restore data
+    location ... (tagged with cpu:0)". None for any other location (torch's own deserializers run)."""
+    if location.startswith("cpu:") and location[4:].isdigit():
+        return storage.cpu()
+    return None
+
+
 def install_resume_guard() -> None:
-    """Makes `transformers.Trainer.train(resume_from_checkpoint=...)` call check_resumable first."""
+    """Makes `transformers.Trainer.train(resume_from_checkpoint=...)` call check_resumable first (and
+    lets torch.load restore to "cpu:N", see _restore_on_cpu_index)."""
+    import torch
     import transformers
+
+    if not getattr(torch.serialization, "_kt_sft_cpu_index", False):
+        torch.serialization.register_package(97, lambda obj: None, _restore_on_cpu_index)
+        torch.serialization._kt_sft_cpu_index = True
 
     orig = transformers.Trainer.train
     if getattr(orig, "_kt_sft_resume_guard", False):

@@ -8,15 +8,18 @@ The expert-LoRA route (the same for CPU and GPU ranks)::
 
     DDP wrapper        ignores the expert-LoRA tensors (`_ddp_params_and_buffers_to_ignore`): on a GPU
                        rank they are fp32 CPU tensors, and DDP refuses a module spread over device types
-    first forward      broadcast rank 0's expert LoRA (DDP's own start-up broadcast skipped them)
+    start              broadcast rank 0's expert LoRA (DDP's own start-up broadcast skipped them) when
+                       the Trainer creates its optimizer, or at the first forward without one
     backward           a post-accumulate-grad hook per tensor; when the last one of the model has its
                        gradient (= the backward is complete for them, reentrant checkpointing or not)
                        and the Trainer says this micro-batch ends an optimizer step (accelerate's
                        `gradient_state.sync_gradients`), all expert-LoRA gradients are averaged in one
                        flat all-reduce on a gloo group: once per optimizer step, after gradient
                        accumulation, before clipping, as DDP does for the rest of the model
-    optimizer          the Trainer's own (the tensors are its parameters), so clipping, the schedule
-                       and checkpoints treat them like every other LoRA tensor
+    optimizer          kt_sft's AdamW over one node-shared copy of the weights, its state split over the
+                       node's ranks, stepped right after the Trainer's optimizer (after clipping, which
+                       counts these gradients: the tensors are still the model's parameters); or the
+                       Trainer's own, a copy per rank, where that cannot be (expert_optimizer.py)
 
 Averaging = sum / world size, as DDP's: the Trainer already scales the loss for token-weighted means.
 
@@ -103,6 +106,8 @@ class ExpertLoraSync:
         self._group = None
         self._started = False
         self.all_reduces = 0  # how many gradient all-reduces ran (tests read it)
+        self.owned_by_kt_sft = False  # kt_sft's optimizer steps the expert LoRA (expert_optimizer.attach)
+        self.step_ready = False  # a backward that ends an optimizer step has completed (and averaged)
         model.register_forward_pre_hook(self._on_forward)
         register_optimizer_step_post_hook(self._after_optimizer_step)
 
@@ -133,13 +138,17 @@ class ExpertLoraSync:
 
     def _world(self):
         dist = _dist()
-        if dist is None or dist.get_world_size() == 1 or deepspeed_active():
-            return None  # under DeepSpeed its optimizer holds and averages the expert LoRA (docs/usage.md)
+        if dist is None or dist.get_world_size() == 1 or (deepspeed_active() and not self.owned_by_kt_sft):
+            return None  # DeepSpeed's optimizer holds and averages the expert LoRA (ZeRO-3: docs/usage.md)
         if self._group is None:
             # gloo whatever the default backend (the tensors live in host memory on every rank), and a
             # group of its own so these collectives never interleave with DDP's bucket all-reduces
             self._group = dist.new_group(backend="gloo")
         return dist
+
+    def _gloo(self):
+        """The gloo group over every rank (None with one rank or under DeepSpeed)."""
+        return self._group if self._world() is not None else None
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for _, p in self._params.values() if p.requires_grad]
@@ -161,10 +170,11 @@ class ExpertLoraSync:
         if not self._pending:
             self._pending = {id(p) for p in self._trainable()}
         self._pending.discard(id(param))
-        if self._pending:
+        if self._pending or not _sync_step_wanted():
             return
+        self.step_ready = True
         dist = self._world()
-        if dist is None or not _sync_step_wanted() or _flag("KT_SFT_DEBUG_BREAK_EXPERT_LORA_SYNC"):
+        if dist is None or _flag("KT_SFT_DEBUG_BREAK_EXPERT_LORA_SYNC"):
             return
         params = sorted(self._trainable(), key=lambda p: self._params[id(p)][0])
         for p in params:
@@ -180,10 +190,16 @@ class ExpertLoraSync:
         self.all_reduces += 1
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
-        if not _flag("KT_SFT_CHECK_RANK_SYNC") or not self._params:
+        """After the Trainer's optimizer stepped the expert LoRA (a copy per rank)."""
+        if not self._params:
             return
         ours = {id(p) for _, p in self._params.values()}
-        if not any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
+        if any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
+            self.after_expert_step()
+
+    def after_expert_step(self) -> None:
+        """Once per optimizer step, on every rank, after the expert LoRA was stepped."""
+        if not _flag("KT_SFT_CHECK_RANK_SYNC"):
             return
         self.check_rank_identical()
         memory_report.note_pack_memory()  # every rank is alive here: the check above was a collective
@@ -205,6 +221,15 @@ class ExpertLoraSync:
         if len(set(sums)) != 1:
             raise RuntimeError(f"expert LoRA differs across ranks after an optimizer step (checksums {sums}): "
                                "its gradients were not averaged")
+
+
+def expert_lora_sync_of(model: nn.Module) -> ExpertLoraSync | None:
+    """The ExpertLoraSync of the kt_sft model inside `model` (a PeftModel, a DDP wrapper...), if any."""
+    for module in model.modules():
+        sync = module.__dict__.get("_kt_expert_lora_sync")
+        if sync is not None:
+            return sync
+    return None
 
 
 def expert_lora_sync(model: nn.Module) -> ExpertLoraSync:

@@ -63,6 +63,9 @@ def mapping_memory(path: str | Path) -> dict[str, int]:
 
 PACKS: set[str] = set()  # pack files this process serves experts from
 PACKS_AT_SYNC: dict[str, dict[str, int]] = {}  # their mapping_memory at the last rank-sync check
+# the node-shared expert LoRA (kt_sft.integration.expert_optimizer): its shared file (None: private),
+# this rank's AdamW state bytes, the values; "at_sync": the file's mapping_memory at the last rank check
+EXPERT_LORA: dict = {}
 
 
 def note_pack_memory() -> None:
@@ -71,6 +74,8 @@ def note_pack_memory() -> None:
     once per node (at exit a rank that already left would no longer share them)."""
     if os.path.isdir(os.environ.get("KT_SFT_MEMORY_REPORT", "")):
         PACKS_AT_SYNC.update({p: mapping_memory(p) for p in PACKS})
+        if EXPERT_LORA.get("path"):
+            EXPERT_LORA["at_sync"] = mapping_memory(EXPERT_LORA["path"])
 
 
 def report_at_exit() -> None:
@@ -89,6 +94,9 @@ def report_at_exit() -> None:
           + f"; checkpoint cache peak {peak_cache / 2**20:.1f} MiB"
           + "".join(f"; pack {Path(p).name} Rss {m['Rss'] / 1024:.0f} MiB, Pss {m['Pss'] / 1024:.0f} MiB"
                     for p, m in packs.items())
+          + (f"; expert LoRA {EXPERT_LORA['numel'] * 4 / 2**20:.0f} MiB "
+             f"({'shared by the node' if EXPERT_LORA.get('path') else 'this process'}), "
+             f"AdamW state here {EXPERT_LORA['state_bytes'] / 2**20:.0f} MiB" if EXPERT_LORA else "")
           + f"; cores used {cores:.2f} (engine threads {runtime.num_threads()}, torch {torch.get_num_threads()})",
           flush=True)
     where = os.environ.get("KT_SFT_MEMORY_REPORT", "")
@@ -96,7 +104,7 @@ def report_at_exit() -> None:
         rank = int(os.environ.get("RANK", "0"))
         report = {"rank": rank, "pid": os.getpid(), "status_kib": mem, "packs_kib": packs,
                   "packs_at_last_rank_sync_kib": PACKS_AT_SYNC,
-                  "pack_bytes": {p: os.path.getsize(p) for p in packs}, "cpu_s": cpu,
+                  "pack_bytes": {p: os.path.getsize(p) for p in packs}, "expert_lora": EXPERT_LORA, "cpu_s": cpu,
                   "wall_s": wall, "cores_used": cores, "engine_threads": runtime.num_threads(),
                   "torch_threads": torch.get_num_threads()}
         Path(where, f"rank{rank}.json").write_text(json.dumps(report, indent=1))

@@ -22,7 +22,10 @@ with atheris.instrument_imports(include=["kt_sft"]):
     from kt_sft.engine.formats import ComputeMode
     from kt_sft.engine.pack_file import PackFile
 
-_DIR = tempfile.mkdtemp(prefix="fuzz_pack_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+# scripts/fuzz.sh passes a scratch directory it removes at exit (libFuzzer ends the process without
+# running Python's atexit, so a directory made here would outlive the run)
+_DIR = tempfile.mkdtemp(prefix="fuzz_pack_", dir=os.environ.get("KT_FUZZ_TMP") or
+                        ("/dev/shm" if os.path.isdir("/dev/shm") else None))
 _PATH = os.path.join(_DIR, "experts.ktpack")
 torch.set_num_threads(1)
 

@@ -21,7 +21,9 @@ with atheris.instrument_imports(include=["kt_sft"]):
 
     from kt_sft.integration import convert as C
 
-_ROOT = tempfile.mkdtemp(prefix="fuzz_st_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+# scripts/fuzz.sh passes a scratch directory it removes at exit (see fuzz_pack.py)
+_ROOT = tempfile.mkdtemp(prefix="fuzz_st_", dir=os.environ.get("KT_FUZZ_TMP") or
+                         ("/dev/shm" if os.path.isdir("/dev/shm") else None))
 _MODEL = os.path.join(_ROOT, "model")
 _OUT = os.path.join(_ROOT, "out")
 os.makedirs(_MODEL)
