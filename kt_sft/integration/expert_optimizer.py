@@ -243,12 +243,12 @@ def _node_key() -> str:
     return f"{socket.gethostname()}/{boot}/{os.environ.get('GROUP_RANK', '')}"
 
 
-def find_node(dist) -> Node:
-    """Groups the world's ranks by node (collective: every rank calls it once, in the same order)."""
+def find_node(dist, group=None) -> Node:
+    """Groups the world's ranks by node (collective over `group`, every rank: call it once, in one order)."""
     if dist is None:
         return Node(None, 0, 1, [0], True)
     keys = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, _node_key())
+    dist.all_gather_object(keys, _node_key(), group=group)
     me, node = dist.get_rank(), None
     for key in sorted(set(keys), key=keys.index):  # every rank creates every group, in one order
         ranks = [r for r, k in enumerate(keys) if k == key]
@@ -352,12 +352,14 @@ def attach(trainer, optimizer) -> ExpertAdamW | None:
     dist = _dist()
     if dist is not None and dist.get_world_size() == 1:
         dist = None
-    node = find_node(dist)
+    sync.owned_by_kt_sft = True  # first: under DeepSpeed, _gloo() is the gloo group only from here on
+    gloo = sync._gloo()  # host tensors: every collective here runs on gloo, whatever the default backend
+    node = find_node(dist, gloo)
     flat, path = shared_buffer(offset, node, dist)
     with torch.no_grad():
         for s in slots:
             if dist is not None:  # DDP's start-up broadcast skips these tensors: rank 0's values for all
-                dist.broadcast(s.param.data, src=0, group=sync._gloo())
+                dist.broadcast(s.param.data, src=0, group=gloo)
             if node.rank == 0:
                 flat[s.offset:s.offset + s.param.numel()].copy_(s.param.data.reshape(-1))
         if node.group is not None:
@@ -368,7 +370,6 @@ def attach(trainer, optimizer) -> ExpertAdamW | None:
             # tensors carry it); these are host tensors a NCCL broadcast would refuse, already in sync
             s.param.ds_optim_param = True
     sync._started = True  # the first forward's broadcast is done
-    sync.owned_by_kt_sft = True
     lo, hi = shard_range(offset, node.rank, node.size)
     opt = ExpertAdamW(slots, flat, lo, hi, optimizer.param_groups,
                       max_grad_norm=trainer.args.max_grad_norm if deepspeed_active() else None)
