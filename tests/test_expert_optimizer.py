@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 
 import pytest
 import torch
@@ -244,3 +245,45 @@ def test_zero3_on_gpu_ranks_is_refused_clearly(monkeypatch):
     finally:
         del config
         unset_hf_deepspeed_config()
+
+
+class _OneProcessDist:
+    """Just enough of torch.distributed for shared_buffer on local rank 0 (its collectives are no-ops)."""
+
+    def broadcast_object_list(self, box, src, group):
+        pass
+
+    def barrier(self, group):
+        pass
+
+
+def test_shared_buffer_is_shared_and_leaves_no_file(tmp_path, monkeypatch):
+    """Local rank 0's buffer is a file mapping another rank sees writes through, and the file is gone
+    once mapped."""
+    monkeypatch.setattr(eo, "SHM_DIR", str(tmp_path))
+    unlinked = []
+    real_unlink = os.unlink
+
+    def unlink_later(path):  # another rank maps the file before it goes
+        other = torch.from_file(path, shared=True, size=1000, dtype=torch.float32)
+        unlinked.append(other)
+        real_unlink(path)
+
+    monkeypatch.setattr(eo.os, "unlink", unlink_later)
+    flat, path = eo.shared_buffer(1000, eo.Node(object(), 0, 2, [0, 1], True), _OneProcessDist())
+    (other,) = unlinked
+    assert flat.shape == (1000,) and not flat.any() and path.startswith(str(tmp_path))
+    flat[123] = 4.5
+    assert other[123] == 4.5
+    assert not list(tmp_path.iterdir())
+
+
+def test_too_little_shared_memory_is_a_clear_error(tmp_path, monkeypatch):
+    class Full:
+        f_bavail, f_frsize = 10, 4096
+
+    monkeypatch.setattr(eo, "SHM_DIR", str(tmp_path))
+    monkeypatch.setattr(eo.os, "statvfs", lambda _: Full())
+    with pytest.raises(RuntimeError, match=r"needs 0\.04 GiB of shared memory.*--shm-size.*KT_SFT_EXPERT_OPTIMIZER=trainer"):
+        eo.shared_buffer(10_000_000, eo.Node(object(), 0, 2, [0, 1], True), _OneProcessDist())
+    assert not list(tmp_path.iterdir())
