@@ -11,13 +11,14 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from kt_sft.engine import _native
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _VERSIONED_PACKAGES = ("kt_sft", "torch", "transformers", "cffi", "numpy", "tqdm")
-_ENV_VARS = ("KT_SFT_ISA", "KT_SFT_NUM_THREADS", "KT_SFT_BF16_DOT", "OMP_NUM_THREADS")
+_ENV_VARS = ("KT_SFT_ISA", "KT_SFT_NUM_THREADS", "KT_SFT_BF16_DOT", "KT_SFT_EXPERT_OPTIMIZER", "OMP_NUM_THREADS")
 
 
 def cpu_model() -> str | None:
@@ -126,11 +127,26 @@ def peak_report(seconds: float = 0.25) -> dict:
     }
 
 
+def shared_memory() -> dict:
+    """Where several ranks of a node keep their one copy of the expert LoRA (kt_sft.integration.expert_optimizer),
+    and how much room is free there."""
+    from kt_sft.integration import expert_optimizer
+
+    where = expert_optimizer.SHM_DIR if os.path.isdir(expert_optimizer.SHM_DIR) else tempfile.gettempdir()
+    try:
+        st = os.statvfs(where)
+        free = st.f_bavail * st.f_frsize / 2**30
+    except OSError:
+        free = None
+    return {"dir": where, "free_gib": free}
+
+
 def doctor_report(peak: bool = False) -> dict:
     report = {
         "engine": engine_report(self_check=True),
         "machine": {k: v for k, v in machine().items() if k != "cpu_flags"},
         "versions": versions(),
+        "shared_memory": shared_memory(),
         "env": {name: os.environ[name] for name in _ENV_VARS if name in os.environ},
         "python_executable": sys.executable,
     }
@@ -171,6 +187,8 @@ def format_doctor_report(report: dict) -> str:
         f"cpu               {mach['cpu_model'] or '?'} ({mach['arch']})",
         f"cpus              {mach['nproc']} ({mach['usable_cpus']} usable by this process)",
         f"memory            {gib(mem['total_gib'])} total, {gib(mem['available_gib'])} available",
+        (f"shared memory     {report['shared_memory']['dir']}: {gib(report['shared_memory']['free_gib'])} free "
+         "(several ranks per node keep one copy of the expert LoRA there, 4 bytes per value)"),
         "versions          " + ", ".join(f"{k} {v or 'not installed'}" for k, v in ver.items()),
     ]
     if report["env"]:

@@ -34,6 +34,16 @@ def test_doctor_json():
     assert set(report["versions"]) >= {"torch", "transformers", "cffi", "kt_sft"}
 
 
+def test_doctor_reports_room_for_the_node_shared_expert_lora():
+    """Several ranks per node keep one copy of the expert LoRA in /dev/shm (Docker's default is 64 MB)."""
+    import os
+
+    report = json.loads(kt_sft("doctor", "--json").stdout)["shared_memory"]
+    assert os.path.isdir(report["dir"]) and report["free_gib"] > 0, report
+    line = next(l for l in kt_sft("doctor").stdout.splitlines() if l.startswith("shared memory"))
+    assert report["dir"] in line and "GiB free" in line, line
+
+
 @pytest.mark.parametrize("forced", ["fma", "dpbf16"])
 def test_doctor_says_which_bf16_products_the_avx512_path_runs(forced, monkeypatch):
     """KT_SFT_BF16_DOT forces the choice where the CPU has AVX512-BF16; elsewhere the FMA kernels run."""
