@@ -191,8 +191,8 @@ class ExpertLoraSync:
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         """After the Trainer's optimizer stepped the expert LoRA (a copy per rank)."""
-        if not self._params:
-            return
+        if not _flag("KT_SFT_CHECK_RANK_SYNC") or not self._params:
+            return  # a global hook: nothing to do on every optimizer step of the process otherwise
         ours = {id(p) for _, p in self._params.values()}
         if any(id(p) in ours for g in optimizer.param_groups for p in g["params"]):
             self.after_expert_step()
