@@ -13,14 +13,15 @@
  * per-row scale (an output row of nt) multiplies the result. In tn the int8 row scale varies
  * along the contraction: the job hands over the activations times those scales as two bf16
  * operands hi + lo (pack_bf16_scaled, |v - hi - lo| <= 2^-17 |v|) and tn multiplies both by the
- * quants. int4's scale varies along the contraction in both products (by 32-blocks) and with the
- * output: there the dequantized fp32 weight is split into hi + lo instead. Either way twice the
- * tile work and no rounding beyond 2^-17. Accumulation is fp32 in the tiles, in a fixed order per
- * output, so results do not depend on the thread count.
+ * quants. int4's scale varies along the contraction in both products (by 32-blocks): the forward
+ * multiplies the exact quants q - 8, one 32-column step per block, and folds each block's sums into
+ * fp32 with the block's scale (nt_int4_blocks_amx); in tn the scale also varies with the output,
+ * so there the dequantized fp32 weight is split into hi + lo instead. Either way no rounding beyond
+ * 2^-17. Accumulation is fp32 in the tiles, in a fixed order per output, so results do not depend
+ * on the thread count.
  * The int8 compute mode: int8 weights multiply on AMX-INT8 tiles (tdpbssd, below); int4 weights
- * run the forward on AMX-BF16 tiles, one 32-column step per 32-block with the int8 activations and
- * the quants exact in bf16 and each block's sums folded with its scale (nt_q8_int4_amx), and the
- * backward -- whose gradients that mode rounds to bf16 for int4 -- as the bf16 mode's tn.
+ * run the forward as the bf16 mode's, on the int8 activations (exact in bf16), and the backward --
+ * whose gradients that mode rounds to bf16 for int4 -- as the bf16 mode's tn.
  * The f32 compute mode uses the avx512 table's kernels (avx2's when that table is absent).
  */
 #include "kt_internal.h"
@@ -260,17 +261,16 @@ static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
     return ((amx > fb ? amx : fb) + 15) & ~(int64_t)15;
 }
 
-/* Rows n0 .. n0+rows of W as bf16 A rows of Kp columns: bf16 weights as they are, exact quants
- * (int8, scale applied at the output), or hi/lo halves of the dequantized weight (int4); rows
- * past N are zero. */
+/* Rows n0 .. n0+rows of bf16 or int8 W as bf16 A rows of Kp columns: bf16 weights as they are,
+ * exact quants (int8, scale applied at the output); rows past N are zero. (int4 takes
+ * nt_int4_blocks_amx.) */
 static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t n0, int64_t rows, int64_t Kp,
-                             uint16_t *hi, uint16_t *lo) {
+                             uint16_t *dst) {
     for (int64_t i = 0; i < rows; i++) {
         const int64_t n = n0 + i;
-        uint16_t *h = hi + i * Kp, *l = lo + i * Kp;
+        uint16_t *h = dst + i * Kp;
         if (n >= L->N) {
             memset(h, 0, sizeof(uint16_t) * (size_t)Kp);
-            if (L->format != KT_FORMAT_INT8) memset(l, 0, sizeof(uint16_t) * (size_t)Kp);
             continue;
         }
         const uint8_t *row = w + (size_t)n * L->row_bytes;
@@ -282,22 +282,13 @@ static void weight_rows_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_
             }
             continue;
         }
-        if (L->format == KT_FORMAT_BF16) { /* the last rows of a matrix that ends inside a block */
-            memcpy(h, row, sizeof(uint16_t) * (size_t)(L->K < Kp ? L->K : Kp));
-            if (L->K < Kp) memset(h + L->K, 0, sizeof(uint16_t) * (size_t)(Kp - L->K));
-            continue;
-        }
-        for (int64_t k = 0; k < Kp; k += 32) { /* int4: one block of 32 per step */
-            __m512i th, tl;
-            split2_bf16(int4_values(L, w, n, k / 32), _mm512_setzero_ps(), &th, &tl);
-            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(row + k / 2)));
-            const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, _mm256_set1_epi16(15))),
-                                                   _mm256_srli_epi16(bytes, 4), 1);
-            _mm512_storeu_si512(h + k, _mm512_permutexvar_epi16(idx, th));
-            _mm512_storeu_si512(l + k, _mm512_permutexvar_epi16(idx, tl));
-        }
+        /* bf16: the last rows of a matrix that ends inside a block */
+        memcpy(h, row, sizeof(uint16_t) * (size_t)(L->K < Kp ? L->K : Kp));
+        if (L->K < Kp) memset(h + L->K, 0, sizeof(uint16_t) * (size_t)(Kp - L->K));
     }
 }
+
+static void nt_int4_blocks_amx(const kt_gemm *g, int q8);
 
 static void nt_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
@@ -305,34 +296,35 @@ static void nt_amx(const kt_gemm *g) {
         fallback()->nt(g);
         return;
     }
+    if (L->format == KT_FORMAT_INT4) {
+        nt_int4_blocks_amx(g, 0);
+        return;
+    }
     kt_amx_tiles_on();
     const int64_t Kp = round32(L->K), steps = Kp / 32, Mb = (g->M + 15) / 16;
-    const int direct = L->format == KT_FORMAT_BF16, split = L->format == KT_FORMAT_INT4;
-    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + 32 * Kp;
-    float *c = (float *)(lo + 32 * Kp);
+    const int direct = L->format == KT_FORMAT_BF16;
+    uint16_t *rows = (uint16_t *)g->scratch;
+    float *c = (float *)(rows + 32 * Kp);
     c = (float *)(((uintptr_t)c + 63) & ~(uintptr_t)63);
     const float *dscale = L->format == KT_FORMAT_INT8 ? (const float *)(g->w + L->scales_offset) : NULL;
     const int64_t vnni_block = 16 * Kp; /* uint16 per 16 tokens */
     for (int64_t n0 = g->lo; n0 < g->hi; n0 += 32) {
         const int64_t nv = g->hi - n0 < 32 ? g->hi - n0 : 32, na = nv > 16 ? 2 : 1;
-        const uint8_t *a0, *a1, *a0l, *a1l;
+        const uint8_t *a0, *a1;
         int64_t as;
         if (direct && n0 + 16 * na <= L->N) { /* bf16 rows straight from the pack */
             a0 = g->w + (size_t)n0 * L->row_bytes;
             as = (int64_t)L->row_bytes;
         } else {
-            weight_rows_bf16(L, g->w, n0, 16 * na, Kp, hi, lo);
-            a0 = (const uint8_t *)hi;
+            weight_rows_bf16(L, g->w, n0, 16 * na, Kp, rows);
+            a0 = (const uint8_t *)rows;
             as = Kp * 2;
         }
         a1 = a0 + 16 * as;
-        a0l = (const uint8_t *)lo;
-        a1l = a0l + 16 * Kp * 2;
         for (int64_t mb = 0; mb < Mb; mb += 2) {
             const int64_t nb = Mb - mb > 1 ? 2 : 1;
             const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
-            if (split) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
-            else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, a0l, a1l, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
+            KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -554,13 +546,19 @@ static void int4_quants_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_
     }
 }
 
-/* int8 mode, int4 weights, forward: out[m][n] (+)= alpha[m] * a_scale[m] * sum_b d[n][b] * s_b,
- * s_b = sum over 32-block b of q[m][k] (Wq[n][k] - 8). Both factors are small integers, exact in
- * bf16, and |s_b| <= 32 * 127 * 8 < 2^24, so one bf16 tile step per block (32 columns) gives s_b
- * exactly in fp32; each block's C tiles are folded into fp32 sums as the scalar path does
- * (F += s_b * d, no FMA, blocks in order), so the results are bitwise kt_nt_q8_scalar's. The
- * activations come as int8 rows converted to bf16 by the job (pack_q8, KT_PACK_VNNI_BF16). */
-static void nt_q8_int4_amx(const kt_gemm *g) {
+/* int4 weights, forward, by 32-blocks: out[m][n] (+)= alpha[m] * (a_scale[m] *) sum_b d[n][b] * s_b,
+ * s_b = sum over 32-block b of a[m][k] (Wq[n][k] - 8): one bf16 tile step per block (32 columns)
+ * on the exact quants q - 8, then each block's C tiles folded into fp32 sums with the block's scale.
+ * - int8 mode (q8): a = the int8 rows, converted to bf16 by the job (pack_q8, KT_PACK_VNNI_BF16).
+ *   Both factors are small integers, exact in bf16, and |s_b| <= 32 * 127 * 8 < 2^24, so s_b is
+ *   exact in fp32; the fold is the scalar path's (F += s_b * d, no FMA, blocks in order), so the
+ *   results are bitwise kt_nt_q8_scalar's.
+ * - bf16 mode: a = the bf16-rounded activations (pack_bf16, KT_PACK_VNNI). Each product of a bf16
+ *   value and q - 8 is exact in fp32 (8 + 4 significant bits), the tile sums them in fp32 and the
+ *   fold is an FMA: the weights stay exact (no hi + lo split), so one tile product per block where
+ *   the split form took two over the whole row, and the result differs from it only by fp32
+ *   rounding (the mode's own: activations rounded to bf16, weights as stored, fp32 sums). */
+static void nt_int4_blocks_amx(const kt_gemm *g, int q8) {
     const kt_matrix_layout *L = g->L;
     kt_amx_tiles_on();
     const int64_t Kp = round32(L->K), nbk = Kp / 32, Mb = (g->M + 15) / 16, blocks = L->K_pad / KT_INT4_BLOCK;
@@ -586,17 +584,25 @@ static void nt_q8_int4_amx(const kt_gemm *g) {
                     for (int64_t ib = 0; ib < nb; ib++) {
                         const float *ct = c + (ia * 2 + ib) * 256, *d = D + b * 32 + ia * 16;
                         float *ft = F + (ia * 2 + ib) * 256;
-                        for (int i = 0; i < 16; i++) /* tile row i = weight row n0 + ia * 16 + i */
-                            _mm512_store_ps(ft + i * 16, _mm512_add_ps(_mm512_load_ps(ft + i * 16),
-                                                                       _mm512_mul_ps(_mm512_load_ps(ct + i * 16),
-                                                                                     _mm512_set1_ps(d[i]))));
+                        if (q8)
+                            for (int i = 0; i < 16; i++) /* tile row i = weight row n0 + ia * 16 + i */
+                                _mm512_store_ps(ft + i * 16, _mm512_add_ps(_mm512_load_ps(ft + i * 16),
+                                                                           _mm512_mul_ps(_mm512_load_ps(ct + i * 16),
+                                                                                         _mm512_set1_ps(d[i]))));
+                        else
+                            for (int i = 0; i < 16; i++)
+                                _mm512_store_ps(ft + i * 16, _mm512_fmadd_ps(_mm512_load_ps(ct + i * 16),
+                                                                             _mm512_set1_ps(d[i]),
+                                                                             _mm512_load_ps(ft + i * 16)));
                     }
             }
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
                     const int64_t r0 = n0 + ia * 16, rv = g->hi - r0 < 16 ? g->hi - r0 : 16;
-                    if (rv > 0) write_q8(g, (const int32_t *)(F + (ia * 2 + ib) * 256), 1, m0, mv, r0 - g->lo, rv, NULL);
+                    if (rv <= 0) continue;
+                    if (q8) write_q8(g, (const int32_t *)(F + (ia * 2 + ib) * 256), 1, m0, mv, r0 - g->lo, rv, NULL);
+                    else write_nt(g, F + (ia * 2 + ib) * 256, m0, mv, r0 - g->lo, rv, NULL);
                 }
         }
     }
@@ -605,7 +611,7 @@ static void nt_q8_int4_amx(const kt_gemm *g) {
 static void nt_q8_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
     if (L->format == KT_FORMAT_INT4 && g->a_bf16) {
-        nt_q8_int4_amx(g);
+        nt_int4_blocks_amx(g, 1);
         return;
     }
     if (!g->a_q8 || L->format != KT_FORMAT_INT8) {
