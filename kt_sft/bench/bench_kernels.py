@@ -21,7 +21,11 @@ already >= 1 (another job holds a core; torch's OpenMP threads then slow down fa
 proportion). The load average is recorded at both points.
 
 Timing: forward runs under torch.enable_grad() with x and the routing weights requiring grad;
-backward is `y.backward(dy)` timed alone. `warmup` untimed runs, then the median of `repeats`.
+backward is `y.backward(dy)` timed alone. Per (T, routing) every case -- both transformers
+implementations and every kt_sft (format, mode, path) -- runs once per round, round-robin:
+`warmup` untimed rounds, then the median of `repeats` rounds. So the ratios compare runs seconds
+apart, not minutes: on a shared host whose speed drifts, sequential timing moved the ratios by up
+to 1.5x between runs (session 9).
 
 Baseline notes (torch 2.13 CPU): `grouped_mm` dispatches to torch.nn.functional.grouped_mm (the JSON
 records which); on CPU that is a loop of per-expert GEMMs, not a fused kernel. On CPUs without native
@@ -73,6 +77,7 @@ DEFINITIONS = {
     "ratio_vs_baseline": "faster baseline time / kt_sft time (= kt_sft throughput / baseline "
                          "throughput) for fwd, bwd and fwd_bwd; > 1 means kt_sft is faster",
     "baseline_best": "per (T, routing), the transformers implementation with the lower fwd+bwd median",
+    "timing": "per (T, routing), every case once per round, round-robin; warmup rounds, then medians of `repeats`",
     "routing_uniform": "k distinct experts per token: top-k of uniform random logits",
     "routing_zipf": f"k distinct experts per token drawn without replacement, expert e weighted "
                     f"1/(e+1)^{ZIPF_S}; run at the largest T only",
@@ -293,23 +298,41 @@ def make_inputs(cfg: KernelBenchConfig, t: int, routing: str) -> dict:
 # ---------------------------------------------------------------- timing
 
 
-def time_fwd_bwd(fn, inp: dict, warmup: int, repeats: int) -> dict:
-    """Runs fn(x, idx, w) under enable_grad then y.backward(dy), each timed alone. Fresh leaf tensors
-    every run so no gradient accumulates. Returns samples (s) and the last run's outputs."""
-    fwd, bwd = [], []
+def _one_run(fn, inp: dict) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    x = inp["x"].clone().requires_grad_(True)
+    w = inp["w"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        t0 = time.perf_counter()
+        y = fn(x, inp["idx"], w)
+        t1 = time.perf_counter()
+    y.backward(inp["dy"])
+    return t1 - t0, time.perf_counter() - t1, y, (x, w)
+
+
+def time_interleaved(cases: list, warmup: int, repeats: int) -> list:
+    """Times every case of one workload round-robin: each of `warmup + repeats` rounds runs every case
+    once (forward under enable_grad, then y.backward(dy), each timed alone, on fresh leaf tensors so
+    no gradient accumulates), so a machine whose speed drifts over minutes (a shared host)
+    slows every case alike and their ratios stay fair. cases: (prepare, fn, inp); prepare() selects
+    the case's kernel path / mode / implementation before each run. Returns per case its samples
+    ({"fwd": [s], "bwd": [s]} and the last run's y, dx, dw), or the exception that stopped it (the case is then left out of later
+    rounds)."""
+    out: list = [{"fwd": [], "bwd": []} for _ in cases]
     for i in range(warmup + repeats):
-        x = inp["x"].clone().requires_grad_(True)
-        w = inp["w"].clone().requires_grad_(True)
-        with torch.enable_grad():
-            t0 = time.perf_counter()
-            y = fn(x, inp["idx"], w)
-            t1 = time.perf_counter()
-        y.backward(inp["dy"])
-        t2 = time.perf_counter()
-        if i >= warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return {"fwd": fwd, "bwd": bwd, "y": y.detach(), "dx": x.grad, "dw": w.grad}
+        for c, (prepare, fn, inp) in enumerate(cases):
+            if isinstance(out[c], BaseException):
+                continue
+            try:
+                prepare()
+                fwd, bwd, y, (x, w) = _one_run(fn, inp)
+            except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest of the run
+                out[c] = exc
+                continue
+            if i >= warmup:
+                out[c]["fwd"].append(fwd)
+                out[c]["bwd"].append(bwd)
+            out[c].update(y=y.detach(), dx=x.grad, dw=w.grad)
+    return out
 
 
 def summarize(cfg: KernelBenchConfig, t: int, samples: dict) -> dict:
@@ -453,13 +476,12 @@ def grouped_mm_backend(module, inp: dict) -> str:
     return "transformers grouped_mm_fallback (a loop of torch.mm)"
 
 
-def _run_case(fn, cfg, t, inp) -> tuple[dict, dict | None]:
-    try:
-        samples = time_fwd_bwd(fn, inp, cfg.warmup, cfg.repeats)
-    except NotImplementedError as exc:
-        return {"status": "unsupported", "detail": str(exc)}, None
-    except Exception as exc:  # noqa: BLE001 - one failing case must not lose the rest of the run
-        return {"status": f"error: {type(exc).__name__}: {exc}"}, None
+def _case_entry(cfg, t, samples) -> tuple[dict, dict | None]:
+    """time_interleaved's result for one case -> (report entry, samples or None)."""
+    if isinstance(samples, NotImplementedError):
+        return {"status": "unsupported", "detail": str(samples)}, None
+    if isinstance(samples, BaseException):
+        return {"status": f"error: {type(samples).__name__}: {samples}"}, None
     return {"status": "ok", **summarize(cfg, t, samples)}, samples
 
 
@@ -534,42 +556,17 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
 
     bar.set_description("weights")
     gate_up, down = make_weights(cfg)
-    best, eager_out = {}, {}
     base_dtype = resolve_baseline_dtype(cfg)
     report["config"]["baseline_dtype_resolved"] = str(base_dtype).removeprefix("torch.")
+    report["config"]["timing"] = "interleaved: per workload, every case once per round (see DEFINITIONS)"
+    module = lora_module = None
     if base_workloads:
         module = build_baseline(cfg, gate_up, down, base_dtype)
         report["config"]["grouped_mm_backend"] = grouped_mm_backend(module, inputs[workloads[0]])
-        for t, routing in base_workloads:
-            for impl in BASELINE_IMPLS:
-                bar.set_description(f"transformers {impl} T={t} {routing}")
-                module.config._experts_implementation = impl
-                entry, samples = _run_case(module, cfg, t, baseline_inputs(inputs[(t, routing)], base_dtype))
-                report["baseline"].append({"impl": "transformers", "experts_implementation": impl, "tokens": t,
-                                           "routing": routing, **entry})
-                if impl == "eager" and samples is not None:
-                    eager_out[(t, routing)] = {k: samples[k] for k in ("y", "dx", "dw")}
-                bar.update()
-            ok = [b for b in report["baseline"] if b["tokens"] == t and b["routing"] == routing and b["status"] == "ok"]
-            if ok:
-                fastest = min(ok, key=lambda b: b["fwd_ms"] + b["bwd_ms"])
-                best[(t, routing)] = fastest
-                report["baseline_best"].append({k: fastest[k] for k in (
-                    "experts_implementation", "tokens", "routing", "fwd_ms", "bwd_ms", "tokens_per_s",
-                    "gflops_fwd_bwd")})
         if cfg.lora_rank:
             lora_module = TorchLoraExperts(module, make_lora(cfg), 2.0)  # alpha = 2r
-            for t, routing in base_workloads:
-                bar.set_description(f"torch eager + LoRA{cfg.lora_rank} T={t} {routing}")
-                entry, _ = _run_case(lora_module, cfg, t, baseline_inputs(inputs[(t, routing)], base_dtype))
-                report["baseline"].append({"impl": "transformers", "experts_implementation": "eager+torch_lora",
-                                           "lora_rank": cfg.lora_rank, "tokens": t, "routing": routing, **entry})
-                if entry["status"] == "ok":
-                    best[(t, routing, "lora")] = entry
-                bar.update()
-            del lora_module
-        del module
 
+    packs = {}  # (format, LoRA rank) -> experts; every format at once, so a workload's cases interleave
     for fmt in cfg.formats:
         bar.set_description(f"pack {fmt}")
         t0 = time.perf_counter()
@@ -577,36 +574,89 @@ def _run(cfg: KernelBenchConfig, stamp: _dt.datetime) -> dict:
             experts = CPUExperts.from_tensors(gate_up, down, format=fmt)
         except Exception as exc:  # noqa: BLE001
             report["packing"].append({"format": fmt, "status": f"error: {type(exc).__name__}: {exc}"})
-            for t, routing in workloads:
-                for mode in cfg.modes:
-                    for path in paths:
-                        report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
-                                                  "tokens": t, "routing": routing, "status": "error: packing failed"})
-                        bar.update()
             continue
         report["packing"].append({"format": fmt, "status": "ok", "pack_s": time.perf_counter() - t0,
                                   "packed_mib": experts.packed.nbytes / 2**20})
-        for rank in (0, cfg.lora_rank) if cfg.lora_rank else (0,):
-            if rank:
-                experts = _with_lora(experts, cfg)
-            for t, routing in workloads:
+        packs[(fmt, 0)] = experts
+        if cfg.lora_rank:
+            packs[(fmt, cfg.lora_rank)] = _with_lora(experts, cfg)
+    packed_ok = {fmt for fmt, _ in packs}
+
+    def set_impl(impl):
+        return lambda: setattr(module.config, "_experts_implementation", impl)
+
+    def set_kt(experts, mode, path):
+        def prepare():
+            experts.compute_mode = ComputeMode.parse(mode)
+            runtime.set_kernel_path(path)
+        return prepare
+
+    best = {}
+    for t, routing in workloads:
+        inp = inputs[(t, routing)]
+        cases, labels = [], []  # labels: ("base", impl) | ("lora_base",) | ("kt", fmt, rank, mode, path)
+        if (t, routing) in base_workloads:
+            binp = baseline_inputs(inp, base_dtype)
+            for impl in BASELINE_IMPLS:
+                cases.append((set_impl(impl), module, binp))
+                labels.append(("base", impl))
+            if lora_module is not None:
+                cases.append((set_impl("eager"), lora_module, binp))
+                labels.append(("lora_base",))
+        for fmt in cfg.formats:
+            for rank in (0, cfg.lora_rank) if cfg.lora_rank else (0,):
                 for mode in cfg.modes:
-                    experts.compute_mode = ComputeMode.parse(mode)
                     for path in paths:
-                        bar.set_description(f"kt_sft {fmt}/{mode}/{path}{f'/lora{rank}' if rank else ''} T={t} {routing}")
-                        runtime.set_kernel_path(path)
-                        if (fmt, mode) in INVALID_PAIRS:
-                            entry, samples = {"status": "unsupported", "detail": INVALID_PAIRS[(fmt, mode)]}, None
+                        entry = {"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path, "lora_rank": rank,
+                                 "tokens": t, "routing": routing}
+                        if fmt not in packed_ok:
+                            report["results"].append({**entry, "status": "error: packing failed"})
+                        elif (fmt, mode) in INVALID_PAIRS:
+                            report["results"].append({**entry, "status": "unsupported",
+                                                      "detail": INVALID_PAIRS[(fmt, mode)], "ratio_vs_baseline": None})
                         else:
-                            entry, samples = _run_case(experts, cfg, t, inputs[(t, routing)])
-                        entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing, "lora") if rank else (t, routing)))
-                        ref = eager_out.get((t, routing))
-                        if samples is not None and ref is not None and not rank:
-                            entry["rel_err_vs_eager"] = {k: _rel_err(samples[k], ref[k]) for k in ("y", "dx", "dw")}
-                        report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
-                                                  "lora_rank": rank, "tokens": t, "routing": routing, **entry})
+                            experts = packs[(fmt, rank)]
+                            cases.append((set_kt(experts, mode, path), experts, inp))
+                            labels.append(("kt", fmt, rank, mode, path))
+                            continue
                         bar.update()
-        del experts
+        bar.set_description(f"T={t} {routing}: {len(cases)} cases interleaved")
+        samples = time_interleaved(cases, cfg.warmup, cfg.repeats)
+        eager_out = None
+        for label, smp in zip(labels, samples):
+            if label[0] == "kt":
+                continue
+            entry, got = _case_entry(cfg, t, smp)
+            if label[0] == "base":
+                report["baseline"].append({"impl": "transformers", "experts_implementation": label[1], "tokens": t,
+                                           "routing": routing, **entry})
+                if label[1] == "eager" and got is not None:
+                    eager_out = {k: got[k] for k in ("y", "dx", "dw")}
+            else:
+                report["baseline"].append({"impl": "transformers", "experts_implementation": "eager+torch_lora",
+                                           "lora_rank": cfg.lora_rank, "tokens": t, "routing": routing, **entry})
+                if entry["status"] == "ok":
+                    best[(t, routing, "lora")] = entry
+            bar.update()
+        ok = [b for b in report["baseline"] if b["tokens"] == t and b["routing"] == routing and b["status"] == "ok"
+              and b["experts_implementation"] in BASELINE_IMPLS]
+        if ok:
+            fastest = min(ok, key=lambda b: b["fwd_ms"] + b["bwd_ms"])
+            best[(t, routing)] = fastest
+            report["baseline_best"].append({k: fastest[k] for k in (
+                "experts_implementation", "tokens", "routing", "fwd_ms", "bwd_ms", "tokens_per_s", "gflops_fwd_bwd")})
+        for label, smp in zip(labels, samples):
+            if label[0] != "kt":
+                continue
+            _, fmt, rank, mode, path = label
+            entry, got = _case_entry(cfg, t, smp)
+            entry["ratio_vs_baseline"] = _ratios(entry, best.get((t, routing, "lora") if rank else (t, routing)))
+            if got is not None and eager_out is not None and not rank:
+                entry["rel_err_vs_eager"] = {k: _rel_err(got[k], eager_out[k]) for k in ("y", "dx", "dw")}
+            report["results"].append({"impl": "kt_sft", "format": fmt, "mode": mode, "kernel_path": path,
+                                      "lora_rank": rank, "tokens": t, "routing": routing, **entry})
+            bar.update()
+    packs = module = lora_module = None  # free the packs and the baseline module before the ceiling run
     bar.set_description("fp32 ceiling again")
     _apply_ceiling(report, *fp32_ceiling(cfg.quick))
     bar.set_description("done")
