@@ -128,8 +128,12 @@ static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_
                                                       int64_t n, int64_t k) {
     const uint8_t *row = row_of(L, mat, n);
     switch (fmt) {
-    case KT_FORMAT_BF16:
-        return ZMM(castsi512_ps)(ZMM(slli_epi32)(load_u16x16(row + 2 * k), 16));
+    case KT_FORMAT_BF16: { /* each bf16 into the high half of a 32-bit lane: one word shuffle, zeros below */
+        const zi idx = ZMM(set_epi16)(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0, 3, 0, 2,
+                                      0, 1, 0, 0, 0);
+        return ZMM(castsi512_ps)(ZMM(maskz_permutexvar_epi16)(0xAAAAAAAAu, idx,
+                                                              ZMM(castsi256_si512)(YMM(loadu_si256)((const void *)(row + 2 * k)))));
+    }
     case KT_FORMAT_INT8:
         return ZMM(mul_ps)(cvt_ps(load_i8x16(row + k)), ZMM(set1_ps)(int8_scale(L, mat, n)));
     default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
