@@ -61,3 +61,31 @@ def test_torch_lora_baseline_computes_the_same_layer_as_kt_sft():
     assert float((a.float() - b.float()).norm() / b.float().norm()) < 1e-2
     with pytest.raises(bk.BenchConfigError, match="lora_rank"):
         bk.KernelBenchConfig(lora_rank=-1)
+
+
+def test_cases_run_round_robin_and_a_failing_case_drops_out():
+    """time_interleaved runs every case once per round (so a drifting machine slows all alike), records
+    only the rounds after warm-up, and keeps going when one case raises: that case reports its exception
+    (NotImplementedError -> 'unsupported', anything else -> 'error: ...') and is skipped afterwards."""
+    calls = []
+
+    def case(name, fail=None):
+        def fn(x, idx, w):
+            calls.append(name)
+            if fail is not None and calls.count(name) == 2:  # fails in the second round
+                raise fail
+            return (x * w.sum()).sum(dim=0, keepdim=True).expand_as(x)
+        return (lambda: calls.append(f"prepare {name}"), fn, inp)
+
+    inp = {"x": torch.randn(3, 4), "idx": torch.zeros(3, 1, dtype=torch.int64), "w": torch.rand(3, 1),
+           "dy": torch.randn(3, 4)}
+    out = bk.time_interleaved([case("a"), case("b", RuntimeError("boom")), case("c", NotImplementedError("no"))],
+                              warmup=1, repeats=3)
+    runs = [c for c in calls if not c.startswith("prepare")]
+    assert runs == ["a", "b", "c", "a", "b", "c", "a", "a"]  # round-robin; b and c gone after failing
+    assert all(calls[i] == f"prepare {calls[i + 1]}" for i in range(0, len(calls), 2))  # prepared each time
+    assert len(out[0]["fwd"]) == len(out[0]["bwd"]) == 3 and out[0]["dx"].shape == (3, 4)
+    cfg = bk.KernelBenchConfig(quick=True)
+    assert bk._case_entry(cfg, 3, out[0])[0]["status"] == "ok"
+    assert bk._case_entry(cfg, 3, out[1]) == ({"status": "error: RuntimeError: boom"}, None)
+    assert bk._case_entry(cfg, 3, out[2]) == ({"status": "unsupported", "detail": "no"}, None)
