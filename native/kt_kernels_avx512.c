@@ -155,6 +155,18 @@ static inline __attribute__((always_inline)) void load32_int4(const kt_matrix_la
     *p1 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, (k1 % KT_INT4_BLOCK) ? 4 : 0), values);
 }
 
+/* Row n of the packed matrix at columns c0 and c1 (16 each), dequantized; int4: c0 and c1 in one
+ * 32-block (one load, one table). */
+static inline __attribute__((always_inline)) void direct_pair(int fmt, const kt_matrix_layout *L, const uint8_t *w,
+                                                              int64_t n, int64_t c0, int64_t c1, zf *p0, zf *p1) {
+    if (fmt == KT_FORMAT_INT4) {
+        load32_int4(L, w, n, c0, c1, p0, p1);
+    } else {
+        *p0 = load16(fmt, L, w, n, c0);
+        *p1 = load16(fmt, L, w, n, c1);
+    }
+}
+
 #include "kt_transpose16.h" /* transpose16(zf r[16]) */
 
 /* P[k - kb][j] = W[n0 + j][k] for k in [kb, ke) (multiples of 32, ke <= K rounded up to 32), j < 32;
@@ -177,11 +189,8 @@ static inline __attribute__((always_inline)) void panel_rows_fmt(int fmt, const 
                     const zi v = ZMM(loadu_si512)(row_of(L, mat, n0 + j) + 2 * k);
                     r0[i] = ZMM(castsi512_ps)(ZMM(slli_epi32)(v, 16));
                     r1[i] = ZMM(castsi512_ps)(ZMM(and_si512)(v, hi16));
-                } else if (fmt == KT_FORMAT_INT4) {
-                    load32_int4(L, mat, n0 + j, k, k + 16, &r0[i], &r1[i]);
                 } else {
-                    r0[i] = load16(fmt, L, mat, n0 + j, k);
-                    r1[i] = load16(fmt, L, mat, n0 + j, k + 16);
+                    direct_pair(fmt, L, mat, n0 + j, k, k + 16, &r0[i], &r1[i]);
                 }
             }
             transpose16(r0);
@@ -216,10 +225,10 @@ static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat,
 static inline __attribute__((always_inline)) void panel_columns_fmt(int fmt, const kt_matrix_layout *L,
                                                                     const uint8_t *mat, int64_t c0, int64_t width,
                                                                     int64_t nb, int64_t ne, float *P) {
-    if (fmt == KT_FORMAT_INT4 && c0 % KT_INT4_BLOCK == 0 && width > 16) { /* one 32-block: one table */
+    if (width > 16 && (fmt != KT_FORMAT_INT4 || c0 % KT_INT4_BLOCK == 0)) { /* int4: one 32-block, one table */
         for (int64_t n = nb; n < ne; n++) {
             zf p0, p1;
-            load32_int4(L, mat, n, c0, c0 + 16, &p0, &p1);
+            direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1);
             ZMM(store_ps)(P + (n - nb) * NR, p0);
             ZMM(store_ps)(P + (n - nb) * NR + 16, p1);
         }
@@ -265,17 +274,6 @@ static inline simde__m512bh as_bh(zi v) {
 #define DP_BCAST(acc, p, ptr) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(const uint32_t *)(ptr)))
 #endif
 
-/* Row n of the packed matrix at columns c0 and c1 (16 each), dequantized (the direct form). */
-static inline __attribute__((always_inline)) void direct_pair(int fmt, const kt_matrix_layout *L, const uint8_t *w,
-                                                              int64_t n, int64_t c0, int64_t c1, zf *p0, zf *p1) {
-    if (fmt == KT_FORMAT_INT4) {
-        load32_int4(L, w, n, c0, c1, p0, p1);
-    } else {
-        *p0 = load16(fmt, L, w, n, c0);
-        *p1 = load16(fmt, L, w, n, c1);
-    }
-}
-
 /* c[R][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load), R <= MR rows.
  * Step k's two panel vectors come from the panel P (fmt < 0), or straight from row k of the packed
  * matrix of format fmt at columns c0 and c1 (dequantized in registers: the transposed product with few
@@ -317,7 +315,7 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         /* Dequantizing in the loop: row k + 1's weights are made while row k's FMAs run, so the
          * FMAs never wait on the dequantization's latency (llvm-mca, cycles per step of the 12-row
          * tile, znver4 / sapphirerapids: int4 31 / 45 -> 28 / 27 with the table lookup, int8
-         * 29 / 32 -> 27 / 30, bf16 25 / 30 -> 25 / 29). int4: c0, c1 in one 32-block
+         * 29 / 32 -> 27 / 30, bf16 25 / 30 -> 24 / 28 with the vpermw conversion). int4: c0, c1 in one 32-block
          * (tn_avx512's c0 is a multiple of 32). */
         zf p0, p1;
         direct_pair(fmt, L, w, 0, c0, c1, &p0, &p1);
