@@ -144,15 +144,16 @@ typedef struct {
     /* Likewise for the int8 compute mode's int8 rows (tables with pack_q8, int8 weights only):
      * 64-column tiles of 16 rows x 64 bytes; KT_PACK_VNNI for nt_q8, KT_PACK_TILES for tn_q8. */
     const int8_t *a_q8;
-    /* tn after pack_bf16_scaled: a_bf16 holds hi and this lo (int8 weights: the rows times the
-     * weights' row scales, so tn multiplies by the quants alone; int4: the fp32 rows). */
-    const uint16_t *a_bf16_lo;
     /* The M fp32 rows again as prepared by the job through the table's pack_f32 (f32 and bf16
      * compute modes, tables with pack_f32), in that table's own layout; else NULL. */
     const float *a_f32;
     /* Likewise for tables with pack_pairs (bf16 weights, bf16 mode, pairs_enabled()): the rows as
      * bf16 pairs of consecutive columns, one 32-bit word per pair, in that table's layout. */
     const uint32_t *a_pairs;
+    /* tn only, set in the bf16 compute mode's backward on int8 / int4 weights: multiply by each
+     * dequantized fp32 weight rounded to bf16 (nearest even, kt_round_bf16), W'[n][c] = r(W[n][c]),
+     * on every path (docs/formats.md "Compute modes"). */
+    int round_w;
 } kt_gemm;
 
 /* Layouts of a prepared bf16 operand of M rows (m) by C columns (the contraction), M16 = M
@@ -193,11 +194,6 @@ typedef struct {
      * activation rows once per phase with this (dst as described at KT_PACK_*; rows hold
      * bf16-exact fp32 values of length C) and hands them to nt / tn as kt_gemm.a_bf16. */
     void (*pack_bf16)(const float *const *rows, int64_t M, int64_t C, int layout, uint16_t *dst);
-    /* Optional, the same for tn (KT_PACK_TILES) as two bf16 operands v = hi + lo + O(2^-17 |v|),
-     * v = rows[m][c] * scale[c]: int8 weights in the bf16 mode (scale: the row scales of the matrix
-     * tn reads, which vary along its contraction; tn then needs the exact quants only). */
-    void (*pack_bf16_scaled)(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
-                             uint16_t *lo);
     /* Optional, the int8 compute mode with int8 weights: the same for int8 rows (zero-padded to a
      * multiple of 64 already), handed over as kt_gemm.a_q8. With int4 weights, the forward's rows in
      * layout KT_PACK_VNNI_BF16 (dst: uint16 at the bf16 operand's place), handed over as a_bf16. */

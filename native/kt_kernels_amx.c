@@ -9,16 +9,15 @@
  *   tn (backward, out[m][c] = sum_n a[m][n] W[n][c]): A = the activation rows, B = the weights
  *      with consecutive rows n interleaved in pairs, built in scratch from column stripes of the
  *      rows (a task's 128 columns by 512 rows at a time when there are few tokens), C[m][c].
- * Weights as stored, kept exact: bf16 weights are bf16; int8 quants are exact in bf16 and their
- * per-row scale (an output row of nt) multiplies the result. In tn the int8 row scale varies
- * along the contraction: the job hands over the activations times those scales as two bf16
- * operands hi + lo (pack_bf16_scaled, |v - hi - lo| <= 2^-17 |v|) and tn multiplies both by the
- * quants. int4's scale varies along the contraction in both products (by 32-blocks): the forward
- * multiplies the exact quants q - 8, one 32-column step per block, and folds each block's sums into
- * fp32 with the block's scale (nt_int4_blocks_amx); in tn the scale also varies with the output,
- * so there the dequantized fp32 weight is split into hi + lo instead. Either way no rounding beyond
- * 2^-17. Accumulation is fp32 in the tiles, in a fixed order per output, so results do not depend
- * on the thread count.
+ * The forward keeps the weights exact: bf16 weights are bf16; int8 quants are exact in bf16 and
+ * their per-row scale (an output row of nt) multiplies the result; int4's scale varies along the
+ * contraction (by 32-blocks), so the forward multiplies the exact quants q - 8, one 32-column step
+ * per block, and folds each block's sums into fp32 with the block's scale (nt_int4_blocks_amx).
+ * The backward (tn) multiplies the dequantized int8 / int4 weights rounded to bf16, as every path
+ * does in this mode (kt_gemm.round_w; docs/formats.md): there the scales vary along the contraction
+ * and, for int4, with the output too, so exact weights would take two tile products (a bf16 hi + lo
+ * split) where the rounded ones take one. Accumulation is fp32 in the tiles, in a fixed order per
+ * output, so results do not depend on the thread count.
  * The int8 compute mode: int8 weights multiply on AMX-INT8 tiles (tdpbssd, below); int4 weights
  * run the forward as the bf16 mode's, on the int8 activations (exact in bf16), and the backward --
  * whose gradients that mode rounds to bf16 for int4 -- as the bf16 mode's tn.
@@ -56,25 +55,14 @@ static const kt_kernels *fallback(void) { return &kt_kernels_avx512 ? &kt_kernel
 
 static int64_t round32(int64_t v) { return (v + 31) & ~(int64_t)31; }
 
-/* int4 by table: a 32-block's 16 possible weights (q - 8) * d (fp32 products), split into bf16
- * hi and lo halves once per block (lo = the rounding remainder, |w - hi - lo| <= 2^-17 |w|); vpermw
- * then looks up 32 nibbles at a time. The pack's int4 layout: byte j of a block's 16 holds element
- * j (low nibble) and j + 16 (high nibble). */
+/* int4 by table: a 32-block's 16 possible weights (q - 8) * d (fp32 products), rounded to bf16
+ * once per block; vpermw then looks up 32 nibbles at a time. The pack's int4 layout: byte j of a
+ * block's 16 holds element j (low nibble) and j + 16 (high nibble). */
 static inline __m512 int4_values(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t b) {
     if (n >= L->N) return _mm512_setzero_ps();
     const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const uint16_t dh = ((const uint16_t *)(mat + L->scales_offset))[n * (L->K_pad / KT_INT4_BLOCK) + b];
     return _mm512_mul_ps(iota8, _mm512_set1_ps(_cvtsh_ss(dh)));
-}
-
-/* v0, v1 (16 lanes each) as 32 bf16 hi + lo (lanes 0-15 from v0, 16-31 from v1): the int4 tables,
- * and pack_bf16_scaled's operands */
-static inline void split2_bf16(__m512 v0, __m512 v1, __m512i *th, __m512i *tl) {
-    const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
-    const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-    const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-    *th = h;
-    *tl = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0));
 }
 
 /* ---- the prepared activation operand -------------------------------------------------------- */
@@ -107,30 +95,6 @@ static void pack_bf16_amx(const float *const *rows, int64_t M, int64_t C, int la
     for (int64_t m = 0; m < M; m++) {
         uint32_t *blk = (uint32_t *)(dst + (m / 16) * 16 * C32) + (m % 16);
         for (int64_t c = 0; c < C32; c += 32) _mm512_i32scatter_epi32(blk + c * 8, lines, row32_bf16(rows[m], c, C), 4);
-    }
-}
-
-/* tn's operand (KT_PACK_TILES): v = row[c] * scale[c] (scale NULL: 1) split into hi + lo. */
-static void pack_bf16_scaled_amx(const float *const *rows, int64_t M, int64_t C, const float *scale, uint16_t *hi,
-                                 uint16_t *lo) {
-    const int64_t C32 = round32(C), M16 = (M + 15) & ~(int64_t)15;
-    if (M < M16) {
-        memset(hi + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
-        memset(lo + (M16 - 16) * C32, 0, sizeof(uint16_t) * (size_t)(16 * C32));
-    }
-    for (int64_t m = 0; m < M; m++) {
-        const size_t at = (size_t)((m / 16) * 16 * C32 + (m % 16) * 32);
-        for (int64_t c = 0; c < C32; c += 32) {
-            __m512 v0 = load_row16(rows[m], c, C), v1 = load_row16(rows[m], c + 16, C);
-            if (scale) {
-                v0 = _mm512_mul_ps(v0, load_row16(scale, c, C));
-                v1 = _mm512_mul_ps(v1, load_row16(scale, c + 16, C));
-            }
-            __m512i h, l;
-            split2_bf16(v0, v1, &h, &l);
-            _mm512_storeu_si512(hi + at + c * 16, h);
-            _mm512_storeu_si512(lo + at + c * 16, l);
-        }
     }
 }
 
@@ -179,15 +143,13 @@ static void write_tn(const kt_gemm *g, const float *c, int64_t m0, int64_t mv, i
 /* ---- the 2 x 2 tile block ------------------------------------------------------------------- */
 
 /* C tiles (a0 b0) (a0 b1) (a1 b0) (a1 b1) over `steps` contraction steps of 32: A tiles at
- * aX + s * as_step bytes with row stride as, B tiles at bX + s * bs_step with row stride bs. With split,
- * the lo halves (aXl / bXl) are multiplied too. na, nb in {1, 2}. Tile (ia, ib) goes to
+ * aX + s * as_step bytes with row stride as, B tiles at bX + s * bs_step with row stride bs.
+ * na, nb in {1, 2}. Tile (ia, ib) goes to
  * c + ia * c_ld + ib * 256 (floats); it starts from zero, or from the same place in cin. */
-static inline __attribute__((always_inline)) void block2x2(int q8, int na, int nb, int split_a, int split_b, int64_t steps,
-                                                           const uint8_t *a0, const uint8_t *a1, const uint8_t *a0l,
-                                                           const uint8_t *a1l, int64_t as, int64_t as_step, const uint8_t *b0,
-                                                           const uint8_t *b1, const uint8_t *b0l, const uint8_t *b1l,
-                                                           int64_t bs_step, int64_t bs, const float *cin, float *c,
-                                                           int64_t c_ld) {
+static inline __attribute__((always_inline)) void block2x2(int q8, int na, int nb, int64_t steps, const uint8_t *a0,
+                                                           const uint8_t *a1, int64_t as, int64_t as_step,
+                                                           const uint8_t *b0, const uint8_t *b1, int64_t bs_step,
+                                                           int64_t bs, const float *cin, float *c, int64_t c_ld) {
     if (cin) { /* continue partial sums (tile store and load are exact: same result as one pass) */
         _tile_loadd(0, cin, 64);
         if (nb > 1) _tile_loadd(1, cin + 256, 64);
@@ -214,16 +176,6 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
         _tile_loadd(6, b0 + bo, bs);
         if (nb > 1) _tile_loadd(7, b1 + bo, bs);
         KT_DP4();
-        if (split_a) { /* A_lo x B */
-            _tile_loadd(4, a0l + ao, as);
-            if (na > 1) _tile_loadd(5, a1l + ao, as);
-            KT_DP4();
-        }
-        if (split_b) { /* A x B_lo (never both splits: callers split one operand) */
-            _tile_loadd(6, b0l + bo, bs);
-            if (nb > 1) _tile_loadd(7, b1l + bo, bs);
-            KT_DP4();
-        }
     }
 #undef KT_DP4
 #undef KT_DP
@@ -233,27 +185,27 @@ static inline __attribute__((always_inline)) void block2x2(int q8, int na, int n
     if (na > 1 && nb > 1) _tile_stored(3, c + c_ld + 256, 64);
 }
 
-#define KT_BLOCK_DISPATCH_AS(q8, na, nb, split_a, split_b, ...)                              \
+#define KT_BLOCK_DISPATCH_AS(q8, na, nb, ...)                                                  \
     do {                                                                                       \
-        if ((na) == 2 && (nb) == 2) block2x2(q8, 2, 2, split_a, split_b, __VA_ARGS__);         \
-        else if ((na) == 2) block2x2(q8, 2, 1, split_a, split_b, __VA_ARGS__);                 \
-        else if ((nb) == 2) block2x2(q8, 1, 2, split_a, split_b, __VA_ARGS__);                 \
-        else block2x2(q8, 1, 1, split_a, split_b, __VA_ARGS__);                                \
+        if ((na) == 2 && (nb) == 2) block2x2(q8, 2, 2, __VA_ARGS__);                           \
+        else if ((na) == 2) block2x2(q8, 2, 1, __VA_ARGS__);                                   \
+        else if ((nb) == 2) block2x2(q8, 1, 2, __VA_ARGS__);                                   \
+        else block2x2(q8, 1, 1, __VA_ARGS__);                                                  \
     } while (0)
 #define KT_BLOCK_DISPATCH(...) KT_BLOCK_DISPATCH_AS(0, __VA_ARGS__)
 
 /* ---- nt: forward ---------------------------------------------------------------------------- */
 
 
-/* Scratch: nt's A rows for 32 weight rows [hi: 32 x Kp][lo: 32 x Kp] or tn's B pairs for
- * TN_CHUNK columns [hi: TN_CHUNK x N32][lo: the same] or TNS_COLS x TNS_ROWS (uint16), then the C
- * tiles: 4, or TNS_MB x TNS_COLS / 16 in the segmented tn. */
+/* Scratch: nt's A rows for 32 weight rows (32 x Kp uint16) or tn's B pairs for TN_CHUNK columns
+ * (TN_CHUNK x N32) or TNS_COLS x TNS_ROWS (uint16; counted here as floats, room to spare), then
+ * the C tiles: 4, or TNS_MB x TNS_COLS / 16 in the segmented tn; nt_int4_blocks_amx's sums and scales. */
 #define TN_CHUNK 64
 #define TNS_COLS 128
 #define TNS_ROWS 512
 #define TNS_MB 8
 static int64_t scratch_floats_amx(int64_t N, int64_t K_pad) {
-    int64_t need = 32 * K_pad;                                   /* uint16 x 2 = floats */
+    int64_t need = 32 * K_pad;
     if (TN_CHUNK * round32(N) > need) need = TN_CHUNK * round32(N);
     if (TNS_COLS * TNS_ROWS > need) need = TNS_COLS * TNS_ROWS;
     const int64_t amx = need + TNS_MB * (TNS_COLS / 16) * 256 + 16;
@@ -324,7 +276,7 @@ static void nt_amx(const kt_gemm *g) {
         for (int64_t mb = 0; mb < Mb; mb += 2) {
             const int64_t nb = Mb - mb > 1 ? 2 : 1;
             const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
-            KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, as, 64, b0, b1, NULL, NULL, 1024, 64, NULL, c, 512);
+            KT_BLOCK_DISPATCH(na, nb, steps, a0, a1, as, 64, b0, b1, 1024, 64, NULL, c, 512);
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -339,15 +291,14 @@ static void nt_amx(const kt_gemm *g) {
 
 /* B operand for `tiles` x 16 columns from c0 over rows n0 .. n0 + rows (rows even): tile t holds,
  * for pair q of rows (n0 + 2q, n0 + 2q + 1), one 64-byte line of 16 (W[n][c], W[n+1][c]) pairs at
- * hi + t * rows * 16 + q * 32; rows past N are zero; int4: the lo halves likewise at lo. Row by
+ * out + t * rows * 16 + q * 32, int8 / int4 weights rounded to bf16; rows past N are zero. Row by
  * row, so each row's stripe is read once, in order, with the rows a few pairs ahead prefetched
  * (the stripes of consecutive rows lie a row apart, far beyond what the hardware prefetchers
  * follow). bf16 weights are interleaved as they are, with no trip through fp32. */
 #define TN_PREFETCH_PAIRS 4
 static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64_t c0, int64_t tiles, int64_t n0,
-                              int64_t rows, uint16_t *hi, uint16_t *lo) {
-    /* bf16 as they are; int8 the quants alone (exact in bf16; the row scales ride on the
-     * activations, see pack_bf16_scaled_amx); int4 (split) hi and lo halves by table */
+                              int64_t rows, uint16_t *out) {
+    /* bf16 as they are; int8 q * d rounded; int4 by a rounded table per block */
     static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i inter = _mm512_loadu_si512(order);
@@ -364,30 +315,34 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
             for (int64_t t = 0; t < tiles; t++) {
                 const __m256i v0 = n < L->N ? _mm256_loadu_si256((const __m256i *)(r0 + 32 * t)) : _mm256_setzero_si256();
                 const __m256i v1 = n + 1 < L->N ? _mm256_loadu_si256((const __m256i *)(r1 + 32 * t)) : _mm256_setzero_si256();
-                _mm512_storeu_si512(hi + t * tile + q * 32,
+                _mm512_storeu_si512(out + t * tile + q * 32,
                                     _mm512_permutexvar_epi16(inter, _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1)));
             }
             continue;
         }
-        if (L->format == KT_FORMAT_INT8) { /* quants */
+        if (L->format == KT_FORMAT_INT8) { /* q * d, the scalar path's fp32 product, rounded (nearest even) */
             const uint8_t *r0 = w + (size_t)n * L->row_bytes + first, *r1 = r0 + L->row_bytes;
+            const float *d = (const float *)(w + L->scales_offset);
+            const __m512 d0 = _mm512_set1_ps(n < L->N ? d[n] : 0.0f), d1 = _mm512_set1_ps(n + 1 < L->N ? d[n + 1] : 0.0f);
             for (int64_t t = 0; t < tiles; t++) {
                 const __m512 v0 = n < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r0 + 16 * t))))
                                            : _mm512_setzero_ps();
                 const __m512 v1 = n + 1 < L->N ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(r1 + 16 * t))))
                                                : _mm512_setzero_ps();
-                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(v1, v0)));
+                _mm512_storeu_si512(out + t * tile + q * 32,
+                                    _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(v1, d1),
+                                                                                                 _mm512_mul_ps(v0, d0))));
             }
             continue;
         }
-        { /* int4 (split): tables of both rows' block, n at 0-15, n + 1 at 16-31 */
+        { /* int4: rounded tables of both rows' block, n at 0-15, n + 1 at 16-31 */
             int64_t tb = -1;
-            __m512i th = _mm512_setzero_si512(), tl = th, both = th;
+            __m512i th = _mm512_setzero_si512(), both = th;
             for (int64_t t = 0; t < tiles; t++) {
                 const int64_t c = c0 + 16 * t, b = c / KT_INT4_BLOCK;
                 if (b != tb) {
                     tb = b;
-                    split2_bf16(int4_values(L, w, n, b), int4_values(L, w, n + 1, b), &th, &tl);
+                    th = (__m512i)_mm512_cvtne2ps_pbh(int4_values(L, w, n + 1, b), int4_values(L, w, n, b));
                     const uint8_t *r0 = w + (size_t)n * L->row_bytes + b * (KT_INT4_BLOCK / 2);
                     const __m512i q0 = n < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)r0)) : _mm512_setzero_si512();
                     const __m512i q1 = n + 1 < L->N ? _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(r0 + L->row_bytes)))
@@ -396,8 +351,7 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
                 }
                 __m512i idx = c % KT_INT4_BLOCK ? _mm512_srli_epi32(both, 4) : both; /* high nibbles: columns 16-31 */
                 idx = _mm512_add_epi32(_mm512_and_si512(idx, _mm512_set1_epi32(0x000F000F)), _mm512_set1_epi32(0x00100000));
-                _mm512_storeu_si512(hi + t * tile + q * 32, _mm512_permutexvar_epi16(idx, th));
-                _mm512_storeu_si512(lo + t * tile + q * 32, _mm512_permutexvar_epi16(idx, tl));
+                _mm512_storeu_si512(out + t * tile + q * 32, _mm512_permutexvar_epi16(idx, th));
             }
         }
     }
@@ -414,42 +368,34 @@ static void weight_pairs_bf16(const kt_matrix_layout *L, const uint8_t *w, int64
  * block passes over it. */
 static void tn_amx(const kt_gemm *g) {
     const kt_matrix_layout *L = g->L;
-    /* (int8 weights need the scaled operand: a table without pack_bf16_scaled takes the fallback) */
-    if (!g->a_bf16 || g->lo % 16 || (L->format == KT_FORMAT_INT8 && !g->a_bf16_lo)) {
+    /* (int8 / int4 weights only with round_w: exact ones would need a second product) */
+    if (!g->a_bf16 || g->lo % 16 || (L->format != KT_FORMAT_BF16 && !g->round_w)) {
         fallback()->tn(g);
         return;
     }
     kt_amx_tiles_on();
     const int64_t N32 = round32(L->N), Mb = (g->M + 15) / 16;
-    /* int8: A as hi + lo (a_bf16_lo), B the exact quants; int4: A bf16, B hi + lo */
-    const int scaled = g->a_bf16_lo != NULL && L->format == KT_FORMAT_INT8;
-    const int split = L->format == KT_FORMAT_INT4;
     const int seg = Mb <= TNS_MB;
     const int64_t chunk = seg ? TNS_COLS : TN_CHUNK, seg_rows = seg ? TNS_ROWS : N32;
     const int64_t c_ld = seg ? (TNS_COLS / 16) * 256 : 512; /* floats between token blocks' C tiles */
-    uint16_t *hi = (uint16_t *)g->scratch, *lo = hi + chunk * seg_rows;
-    float *cbuf = (float *)(((uintptr_t)(lo + chunk * seg_rows) + 63) & ~(uintptr_t)63);
+    uint16_t *bw = (uint16_t *)g->scratch;
+    float *cbuf = (float *)(((uintptr_t)(bw + chunk * seg_rows) + 63) & ~(uintptr_t)63);
     const int64_t ablock = 16 * N32 * 2; /* bytes per 16 activation rows (tiles of 1 KiB) */
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += chunk) {
         const int64_t tiles = ((g->hi - c0 < chunk ? g->hi - c0 : chunk) + 15) / 16;
         for (int64_t n0 = 0; n0 < N32; n0 += seg_rows) {
             const int64_t rows = N32 - n0 < seg_rows ? N32 - n0 : seg_rows, steps = rows / 32, tile = rows * 16;
             const int last = n0 + rows >= N32;
-            weight_pairs_bf16(L, g->w, c0, tiles, n0, rows, hi, lo);
+            weight_pairs_bf16(L, g->w, c0, tiles, n0, rows, bw);
             for (int64_t mb = 0; mb < Mb; mb += 2) {
                 const int64_t na = Mb - mb > 1 ? 2 : 1;
                 const uint8_t *a0 = (const uint8_t *)(g->a_bf16 + mb * 16 * N32 + n0 * 16), *a1 = a0 + ablock;
-                const uint8_t *a0l = scaled ? (const uint8_t *)(g->a_bf16_lo + mb * 16 * N32 + n0 * 16) : NULL;
-                const uint8_t *a1l = scaled ? a0l + ablock : NULL;
                 for (int64_t t = 0; t < tiles; t += 2) {
                     const int64_t nb = tiles - t > 1 ? 2 : 1;
-                    const uint8_t *b0 = (const uint8_t *)(hi + t * tile), *b1 = b0 + tile * 2;
-                    const uint8_t *b0l = (const uint8_t *)(lo + t * tile), *b1l = b0l + tile * 2;
+                    const uint8_t *b0 = (const uint8_t *)(bw + t * tile), *b1 = b0 + tile * 2;
                     float *c = seg ? cbuf + mb * c_ld + t * 256 : cbuf;
                     const float *cin = n0 > 0 ? c : NULL;
-                    if (split) KT_BLOCK_DISPATCH(na, nb, 0, 1, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
-                    else if (scaled) KT_BLOCK_DISPATCH(na, nb, 1, 0, steps, a0, a1, a0l, a1l, 64, 1024, b0, b1, NULL, NULL, 1024, 64, cin, c, c_ld);
-                    else KT_BLOCK_DISPATCH(na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, b0l, b1l, 1024, 64, cin, c, c_ld);
+                    KT_BLOCK_DISPATCH(na, nb, steps, a0, a1, 64, 1024, b0, b1, 1024, 64, cin, c, c_ld);
                     if (!last) continue;
                     for (int64_t ia = 0; ia < na; ia++)
                         for (int64_t ib = 0; ib < nb; ib++) {
@@ -578,8 +524,8 @@ static void nt_int4_blocks_amx(const kt_gemm *g, int q8) {
             const uint8_t *b0 = (const uint8_t *)(g->a_bf16 + mb * vnni_block), *b1 = b0 + vnni_block * 2;
             memset(F, 0, sizeof(float) * 4 * 256);
             for (int64_t b = 0; b < nbk; b++) {
-                KT_BLOCK_DISPATCH(na, nb, 0, 0, 1, a0 + b * 64, a1 + b * 64, NULL, NULL, Kp * 2, 64, b0 + b * 1024,
-                                  b1 + b * 1024, NULL, NULL, 1024, 64, NULL, c, 512);
+                KT_BLOCK_DISPATCH(na, nb, 1, a0 + b * 64, a1 + b * 64, Kp * 2, 64, b0 + b * 1024, b1 + b * 1024, 1024,
+                                  64, NULL, c, 512);
                 for (int64_t ia = 0; ia < na; ia++)
                     for (int64_t ib = 0; ib < nb; ib++) {
                         const float *ct = c + (ia * 2 + ib) * 256, *d = D + b * 32 + ia * 16;
@@ -641,8 +587,7 @@ static void nt_q8_amx(const kt_gemm *g) {
         for (int64_t mb = 0; mb < Mb; mb += 2) {
             const int64_t nb = Mb - mb > 1 ? 2 : 1;
             const uint8_t *b0 = (const uint8_t *)(g->a_q8 + mb * 16 * Kp), *b1 = b0 + 16 * Kp;
-            KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a0 + 16 * as, NULL, NULL, as, 64, b0, b1, NULL, NULL,
-                                 1024, 64, NULL, (float *)c, 512);
+            KT_BLOCK_DISPATCH_AS(1, na, nb, steps, a0, a0 + 16 * as, as, 64, b0, b1, 1024, 64, NULL, (float *)c, 512);
             for (int64_t ia = 0; ia < na; ia++)
                 for (int64_t ib = 0; ib < nb; ib++) {
                     const int64_t m0 = (mb + ib) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -697,8 +642,7 @@ static void tn_q8_amx(const kt_gemm *g) {
             for (int64_t t = 0; t < tiles; t += 2) {
                 const int64_t nb = tiles - t > 1 ? 2 : 1;
                 const uint8_t *b0 = (const uint8_t *)(bq + t * tile), *b1 = b0 + tile;
-                KT_BLOCK_DISPATCH_AS(1, na, nb, 0, 0, steps, a0, a1, NULL, NULL, 64, 1024, b0, b1, NULL, NULL, 1024,
-                                     64, NULL, (float *)c, 512);
+                KT_BLOCK_DISPATCH_AS(1, na, nb, steps, a0, a1, 64, 1024, b0, b1, 1024, 64, NULL, (float *)c, 512);
                 for (int64_t ia = 0; ia < na; ia++)
                     for (int64_t ib = 0; ib < nb; ib++) {
                         const int64_t m0 = (mb + ia) * 16, mv = g->M - m0 < 16 ? g->M - m0 : 16;
@@ -721,7 +665,7 @@ static void axpy_amx(float alpha, const float *x, float *y, int64_t n) { fallbac
 
 const kt_kernels kt_kernels_amx = {.name = "amx", .nt = nt_amx, .tn = tn_amx, .nt_q8 = nt_q8_amx, .tn_q8 = tn_q8_amx,
                                    .dots = dots_amx, .axpy = axpy_amx, .scratch_floats = scratch_floats_amx,
-                                   .pack_bf16 = pack_bf16_amx, .pack_bf16_scaled = pack_bf16_scaled_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
+                                   .pack_bf16 = pack_bf16_amx, .pack_q8 = pack_q8_amx, .swiglu = kt_swiglu_avx512,
                                    .swiglu_bwd = kt_swiglu_bwd_avx512, .rows_per_task = AMX_ROWS_PER_TASK,
                                    .cols_per_task = AMX_COLS_PER_TASK, .quantize_row = kt_quantize_row_avx2};
 

@@ -81,20 +81,34 @@ static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat,
 }
 
 /* P[n][j] = W[n][c0 + j] for n < N, j < 16 (c0 a multiple of 16, inside K_pad). */
-static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, float *P) {
+/* 8 fp32 values rounded to bf16, nearest even, as kt_round_bf16 (finite values: the weights). */
+static inline __m256 round_bf16_8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* tn's weights: load8, rounded to bf16 with kt_gemm.round_w (rw). */
+static inline __m256 load8_tn(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k, int rw) {
+    const __m256 v = load8(L, mat, n, k);
+    return rw ? round_bf16_8(v) : v;
+}
+
+static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int rw, float *P) {
     for (int64_t n = 0; n < L->N; n++) {
-        _mm256_store_ps(P + n * NR, load8(L, mat, n, c0));
-        _mm256_store_ps(P + n * NR + 8, load8(L, mat, n, c0 + 8));
+        _mm256_store_ps(P + n * NR, load8_tn(L, mat, n, c0, rw));
+        _mm256_store_ps(P + n * NR + 8, load8_tn(L, mat, n, c0 + 8, rw));
     }
 }
 
 /* c[MR][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load).
  * Step k's two panel vectors come from the panel P, or, when P is NULL, straight from row k of the
- * packed matrix at columns [c0, c0+16) (dequantized in registers: the transposed product with few
- * tokens, where building a panel does not pay). Always inlined, so each caller gets its own loop. */
+ * packed matrix at columns [c0, c0+16) (dequantized in registers, rounded to bf16 with rw: the
+ * transposed product with few tokens, where building a panel does not pay). Always inlined, so each caller gets its own loop. */
 static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const float *const a[MR], const float *P,
                                                               const kt_matrix_layout *L, const uint8_t *w,
-                                                              int64_t c0, float c[MR][NR], int load) {
+                                                              int64_t c0, int rw, float c[MR][NR], int load) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (load) {
         c00 = _mm256_loadu_ps(c[0]); c01 = _mm256_loadu_ps(c[0] + 8);
@@ -108,8 +122,8 @@ static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const 
     }
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < Kc; k++) {
-        const __m256 p0 = P ? _mm256_load_ps(P + k * NR) : load8(L, w, k, c0);
-        const __m256 p1 = P ? _mm256_load_ps(P + k * NR + 8) : load8(L, w, k, c0 + 8);
+        const __m256 p0 = P ? _mm256_load_ps(P + k * NR) : load8_tn(L, w, k, c0, rw);
+        const __m256 p1 = P ? _mm256_load_ps(P + k * NR + 8) : load8_tn(L, w, k, c0 + 8, rw);
         __m256 b;
         b = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
         b = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
@@ -127,12 +141,12 @@ static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const 
 }
 
 static void ukernel(int64_t Kc, const float *const a[MR], const float *P, float c[MR][NR], int load) {
-    ukernel_any(Kc, a, P, NULL, NULL, 0, c, load);
+    ukernel_any(Kc, a, P, NULL, NULL, 0, 0, c, load);
 }
 
 static void ukernel_direct(int64_t N, const float *const a[MR], const kt_matrix_layout *L, const uint8_t *w,
-                           int64_t c0, float c[MR][NR]) {
-    ukernel_any(N, a, NULL, L, w, c0, c, 0);
+                           int64_t c0, int rw, float c[MR][NR]) {
+    ukernel_any(N, a, NULL, L, w, c0, rw, c, 0);
 }
 
 /* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
@@ -278,12 +292,12 @@ static void tn_avx2(const kt_gemm *g) {
                 const int64_t mr = g->M - m0 < MR ? g->M - m0 : MR;
                 const float *a[MR];
                 for (int i = 0; i < MR; i++) a[i] = i < mr ? (const float *)g->a_rows[m0 + i] : zeros;
-                ukernel_direct(N, a, g->L, g->w, c0, cbuf);
+                ukernel_direct(N, a, g->L, g->w, c0, g->round_w, cbuf);
                 write_tile(g, m0, mr, cbuf, c0 - g->lo, width);
             }
             continue;
         }
-        panel_columns(g->L, g->w, c0, P);
+        panel_columns(g->L, g->w, c0, g->round_w, P);
         panel_times_rows(g, P, N, c0 - g->lo, width, zeros, cbuf);
     }
 }

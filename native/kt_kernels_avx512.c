@@ -122,6 +122,30 @@ static inline zf int4_table(const kt_matrix_layout *L, const uint8_t *mat, int64
                        ZMM(set1_ps)(int4_scale(L, mat, n, b)));
 }
 
+/* 16 fp32 values rounded to bf16, nearest even, as kt_round_bf16 (finite values: the weights). */
+static inline zf round_bf16_16(zf v) {
+    const zi u = ZMM(castps_si512)(v);
+    const zi odd = ZMM(and_si512)(ZMM(srli_epi32)(u, 16), ZMM(set1_epi32)(1));
+    const zi r = ZMM(add_epi32)(u, ZMM(add_epi32)(odd, ZMM(set1_epi32)(0x7fff)));
+    return ZMM(castsi512_ps)(ZMM(and_si512)(r, ZMM(set1_epi32)((int)0xffff0000u)));
+}
+
+/* The weights of tn with kt_gemm.round_w (the bf16 mode's backward on int8 / int4): each dequantized
+ * weight rounded to bf16. Two more values of the constant `fmt` below, so the switches still fold:
+ * int8 rounds every 16 weights after the scale, int4 rounds its 16-value table once per block. */
+#define FMT_INT8_RW 3
+#define FMT_INT4_RW 4
+#define FMT_COUNT 5
+static inline int fmt_int4(int fmt) { return fmt == KT_FORMAT_INT4 || fmt == FMT_INT4_RW; }
+static inline int tn_fmt(const kt_gemm *g) {
+    const int f = g->L->format;
+    return !g->round_w ? f : f == KT_FORMAT_INT8 ? FMT_INT8_RW : f == KT_FORMAT_INT4 ? FMT_INT4_RW : f;
+}
+static inline zf int4_table_fmt(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t b) {
+    const zf t = int4_table(L, mat, n, b);
+    return fmt == FMT_INT4_RW ? round_bf16_16(t) : t;
+}
+
 /* 16 dequantized weights W[n][k .. k+16), k a multiple of 16 inside K_pad. fmt is a constant in
  * every caller (always inlined), so the switch folds away. */
 static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
@@ -136,21 +160,23 @@ static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_
     }
     case KT_FORMAT_INT8:
         return ZMM(mul_ps)(cvt_ps(load_i8x16(row + k)), ZMM(set1_ps)(int8_scale(L, mat, n)));
+    case FMT_INT8_RW:
+        return round_bf16_16(ZMM(mul_ps)(cvt_ps(load_i8x16(row + k)), ZMM(set1_ps)(int8_scale(L, mat, n))));
     default: { /* int4: byte j of a block = element j (low nibble) and j+16 (high nibble) */
         const int64_t b = k / KT_INT4_BLOCK;
         const zi q = ZMM(srli_epi32)(load_u8x16(row + b * (KT_INT4_BLOCK / 2)), (k % KT_INT4_BLOCK) ? 4 : 0);
-        return ZMM(permutexvar_ps)(q, int4_table(L, mat, n, b));
+        return ZMM(permutexvar_ps)(q, int4_table_fmt(fmt, L, mat, n, b));
     }
     }
 }
 
 /* int4 W[n][k0 .. k0+16) and W[n][k1 .. k1+16) with k0, k1 (multiples of 16) in the same 32-block:
  * one load of the block's 16 bytes and one table for both. */
-static inline __attribute__((always_inline)) void load32_int4(const kt_matrix_layout *L, const uint8_t *mat, int64_t n,
+static inline __attribute__((always_inline)) void load32_int4(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n,
                                                               int64_t k0, int64_t k1, zf *p0, zf *p1) {
     const int64_t b = k0 / KT_INT4_BLOCK;
     const zi bytes = load_u8x16(row_of(L, mat, n) + b * (KT_INT4_BLOCK / 2));
-    const zf values = int4_table(L, mat, n, b);
+    const zf values = int4_table_fmt(fmt, L, mat, n, b);
     *p0 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, (k0 % KT_INT4_BLOCK) ? 4 : 0), values);
     *p1 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, (k1 % KT_INT4_BLOCK) ? 4 : 0), values);
 }
@@ -159,8 +185,8 @@ static inline __attribute__((always_inline)) void load32_int4(const kt_matrix_la
  * 32-block (one load, one table). */
 static inline __attribute__((always_inline)) void direct_pair(int fmt, const kt_matrix_layout *L, const uint8_t *w,
                                                               int64_t n, int64_t c0, int64_t c1, zf *p0, zf *p1) {
-    if (fmt == KT_FORMAT_INT4) {
-        load32_int4(L, w, n, c0, c1, p0, p1);
+    if (fmt_int4(fmt)) {
+        load32_int4(fmt, L, w, n, c0, c1, p0, p1);
     } else {
         *p0 = load16(fmt, L, w, n, c0);
         *p1 = load16(fmt, L, w, n, c1);
@@ -225,7 +251,7 @@ static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat,
 static inline __attribute__((always_inline)) void panel_columns_fmt(int fmt, const kt_matrix_layout *L,
                                                                     const uint8_t *mat, int64_t c0, int64_t width,
                                                                     int64_t nb, int64_t ne, float *P) {
-    if (width > 16 && (fmt != KT_FORMAT_INT4 || c0 % KT_INT4_BLOCK == 0)) { /* int4: one 32-block, one table */
+    if (width > 16 && (!fmt_int4(fmt) || c0 % KT_INT4_BLOCK == 0)) { /* int4: one 32-block, one table */
         for (int64_t n = nb; n < ne; n++) {
             zf p0, p1;
             direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1);
@@ -240,11 +266,14 @@ static inline __attribute__((always_inline)) void panel_columns_fmt(int fmt, con
     }
 }
 
-static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width, int64_t nb,
+/* fmt: tn_fmt(g) */
+static void panel_columns(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width, int64_t nb,
                           int64_t ne, float *P) {
-    switch (L->format) {
+    switch (fmt) {
     case KT_FORMAT_BF16: panel_columns_fmt(KT_FORMAT_BF16, L, mat, c0, width, nb, ne, P); break;
     case KT_FORMAT_INT8: panel_columns_fmt(KT_FORMAT_INT8, L, mat, c0, width, nb, ne, P); break;
+    case FMT_INT8_RW: panel_columns_fmt(FMT_INT8_RW, L, mat, c0, width, nb, ne, P); break;
+    case FMT_INT4_RW: panel_columns_fmt(FMT_INT4_RW, L, mat, c0, width, nb, ne, P); break;
     default: panel_columns_fmt(KT_FORMAT_INT4, L, mat, c0, width, nb, ne, P); break;
     }
 }
@@ -341,28 +370,27 @@ typedef void (*ukernel_packed_fn)(int64_t Kc, const float *Ap, const float *P, f
 typedef void (*ukernel_direct_fn)(int64_t N, const float *const *a, const kt_matrix_layout *L, const uint8_t *w,
                                   int64_t c0, int64_t c1, float (*c)[NR]);
 
+#define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
+    static void ukernel_direct_##F##_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,           \
+                                         const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {            \
+        ukernel_any(R, 0, 0, N, a, NULL, NULL, FMT, L, w, c0, c1, c, 0);                                        \
+    }
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
-        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                           \
+        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                    \
     }                                                                                                           \
     static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
-        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                          \
+        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                   \
     }                                                                                                           \
-    static void ukernel_direct_bf16_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
-                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_BF16, L, w, c0, c1, c, 0);                                         \
-    }                                                                                                           \
-    static void ukernel_direct_int8_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
-                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_INT8, L, w, c0, c1, c, 0);                                         \
-    }                                                                                                           \
-    static void ukernel_direct_int4_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,            \
-                                        const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {             \
-        ukernel_any(R, 0, 0, N, a, NULL, NULL, KT_FORMAT_INT4, L, w, c0, c1, c, 0);                                         \
-    }
+    KT_UKERNEL_DIRECT(R, bf16, KT_FORMAT_BF16)                                                                  \
+    KT_UKERNEL_DIRECT(R, int8, KT_FORMAT_INT8)                                                                  \
+    KT_UKERNEL_DIRECT(R, int4, KT_FORMAT_INT4)                                                                  \
+    KT_UKERNEL_DIRECT(R, int8rw, FMT_INT8_RW)                                                                   \
+    KT_UKERNEL_DIRECT(R, int4rw, FMT_INT4_RW)
 KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UKERNELS(6)
 KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
 #undef KT_UKERNELS
+#undef KT_UKERNEL_DIRECT
 
 _Static_assert(MR == 12, "the tables below list one kernel per tile height 1..MR");
 static const ukernel_fn ukernels[MR + 1] = {NULL, ukernel_1, ukernel_2, ukernel_3, ukernel_4, ukernel_5,
@@ -375,9 +403,10 @@ static const ukernel_packed_fn ukernels_packed[MR + 1] = {
     {NULL, ukernel_direct_##F##_1, ukernel_direct_##F##_2, ukernel_direct_##F##_3, ukernel_direct_##F##_4,      \
      ukernel_direct_##F##_5, ukernel_direct_##F##_6, ukernel_direct_##F##_7, ukernel_direct_##F##_8,            \
      ukernel_direct_##F##_9, ukernel_direct_##F##_10, ukernel_direct_##F##_11, ukernel_direct_##F##_12}
-static const ukernel_direct_fn ukernels_direct[3][MR + 1] = {
+static const ukernel_direct_fn ukernels_direct[FMT_COUNT][MR + 1] = {
     [KT_FORMAT_BF16] = KT_DIRECT_TABLE(bf16), [KT_FORMAT_INT8] = KT_DIRECT_TABLE(int8),
-    [KT_FORMAT_INT4] = KT_DIRECT_TABLE(int4)};
+    [KT_FORMAT_INT4] = KT_DIRECT_TABLE(int4), [FMT_INT8_RW] = KT_DIRECT_TABLE(int8rw),
+    [FMT_INT4_RW] = KT_DIRECT_TABLE(int4rw)};
 #undef KT_DIRECT_TABLE
 
 /* Tile t of M rows split into ceil(M / MR) tiles of near-equal height (no tile of 1-3 rows when it
@@ -609,7 +638,7 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
                 const int64_t c0 = g->lo + b * NR, width = g->hi - c0 < NR ? g->hi - c0 : NR;
                 if (dp && tn) panel_columns_pairs(g->L, g->w, c0, width, k0, k0 + kl, (uint32_t *)P);
                 else if (dp) panel_rows_pairs(g->L, g->w, c0, k0, k0 + ((kl + 15) & ~(int64_t)15), (uint32_t *)P);
-                else if (tn) panel_columns(g->L, g->w, c0, width, k0, k0 + kl, P);
+                else if (tn) panel_columns(tn_fmt(g), g->L, g->w, c0, width, k0, k0 + kl, P);
                 else panel_rows_transposed(g->L, g->w, c0, k0, k0 + ((kl + 31) & ~(int64_t)31), P);
                 /* the next slice: the next 32 outputs, else the first of the next KC slice */
                 const int64_t nb = b + 1 < nblk ? b + 1 : 0, nk0 = b + 1 < nblk ? k0 : k0 + KC;
@@ -847,12 +876,12 @@ static void tn_avx512(const kt_gemm *g) {
                 tile_of(g->M, t, &m0, &rows);
                 const float *a[MR];
                 for (int i = 0; i < rows; i++) a[i] = g->a_rows[m0 + i];
-                ukernels_direct[g->L->format][rows](N, a, g->L, g->w, c0, width > 16 ? c0 + 16 : c0, cbuf);
+                ukernels_direct[tn_fmt(g)][rows](N, a, g->L, g->w, c0, width > 16 ? c0 + 16 : c0, cbuf);
                 write_tile(g, m0, rows, cbuf, c0 - g->lo, width);
             }
             continue;
         }
-        panel_columns(g->L, g->w, c0, width, 0, N, P);
+        panel_columns(tn_fmt(g), g->L, g->w, c0, width, 0, N, P);
         if (g->a_f32) panel_times_packed(g, P, N, (N + 31) & ~(int64_t)31, c0 - g->lo, width, cbuf);
         else panel_times_rows(g, P, N, c0 - g->lo, width, cbuf);
     }

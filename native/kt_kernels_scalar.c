@@ -22,7 +22,7 @@ static void nt_scalar(const kt_gemm *g) {
     }
 }
 
-/* out[m][c - lo] (+)= alpha[m] * sum_n a[m][n] * W[n][c] */
+/* out[m][c - lo] (+)= alpha[m] * sum_n a[m][n] * W[n][c]   (W[n][c] rounded to bf16 with round_w) */
 static void tn_scalar(const kt_gemm *g) {
     const int64_t N = g->L->N, C = g->hi - g->lo;
     float *seg = g->scratch; /* C */
@@ -30,6 +30,8 @@ static void tn_scalar(const kt_gemm *g) {
         for (int64_t m = 0; m < g->M; m++) memset(g->out_rows[m], 0, sizeof(float) * (size_t)C);
     for (int64_t n = 0; n < N; n++) {
         kt_dequant_row_segment(g->L, g->w, n, g->lo, g->hi, seg);
+        if (g->round_w)
+            for (int64_t c = 0; c < C; c++) seg[c] = kt_round_bf16(seg[c]);
         for (int64_t m = 0; m < g->M; m++) {
             const float *a = g->a_rows[m];
             const float coef = g->alpha ? g->alpha[m] * a[n] : a[n];

@@ -105,10 +105,9 @@ typedef struct {
     int prep;                     /* prepared bf16 operands (see the top of the file) */
     int prep8;                    /* prepared int8 operands (int8 mode, int8 weights) */
     int prep8_bf16;               /* forward, int8 mode, int4 weights: the int8 rows prepared as bf16 */
-    int prep_scaled;              /* backward, int8 weights: tn's operands carry the row scales (hi, lo) */
     int prep_f32;                 /* float operands prepared by the table's pack_f32 (twice the room) */
     int prep_pairs;               /* bf16-pair operands prepared by the table's pack_pairs */
-    int64_t op_rows;              /* rows of one prepared operand; a lo half follows at op_rows * C32 */
+    int64_t op_rows;              /* rows of one prepared operand */
     uint16_t *opb;                /* the current phase's operand, expert groups back to back */
     int64_t *blk16;               /* E + 1: 16-row blocks before each expert's group in opb */
     float *hb;                    /* (P, I) backward with LoRA: h, recomputed once by B1L for BG */
@@ -188,7 +187,6 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->prep = op_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
-    j->prep_scaled = j->prep && backward && a->format == KT_FORMAT_INT8 && j->kern->pack_bf16_scaled != NULL;
     j->prep_pairs = op_mode == KT_ACT_BF16 && a->format == KT_FORMAT_BF16 && j->kern->pack_pairs != NULL &&
                     j->kern->pairs_enabled();
     j->prep_f32 = !j->prep && !j->prep_pairs && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
@@ -217,7 +215,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     CARVE(16, sizeof(float) * (size_t)(4 * P * j->r));
     CARVE(17, j->r > 0 && backward ? sizeof(float) * (size_t)(T * H) : 0);
     CARVE(18, j->r > 0 && backward ? sizeof(float) * (size_t)(P * I) : 0);
-    CARVE(19, sizeof(uint16_t) * (size_t)(op_rows * c64) * (j->prep_scaled || j->prep_f32 ? 2 : 1));
+    CARVE(19, sizeof(uint16_t) * (size_t)(op_rows * c64) * (j->prep_f32 ? 2 : 1));
     CARVE(20, op_rows ? sizeof(int64_t) * (size_t)(E + 1) : 0);
 #undef CARVE
     uint8_t *ws = kt_workspace(off);
@@ -337,8 +335,8 @@ static void run_gemm(moe_job *j, int tid, int64_t e, const kt_matrix_layout *L, 
     const uint32_t *prepared_pairs = j->prep_pairs && !src.act_q8 ? prepared_pairs_of(j, e, src.C) : NULL;
     kt_gemm g = {L, expert_mat(base, L, e), M, arows, src.act_q8 ? ascale : NULL, orows,
                  with_alpha ? alpha : NULL, lo, hi, accumulate, j->scratch + (size_t)tid * j->scratch_floats, prepared,
-                 prepared8, tn && prepared && j->prep_scaled ? prepared + j->op_rows * ((src.C + 31) & ~(int64_t)31) : NULL,
-                 prepared_f32, prepared_pairs};
+                 prepared8, prepared_f32, prepared_pairs,
+                 tn && !src.act_q8 && j->grad_mode == KT_ACT_BF16 && L->format != KT_FORMAT_BF16};
     if (tn) (src.act_q8 ? j->kern->tn_q8 : j->kern->tn)(&g);
     else (src.act_q8 ? j->kern->nt_q8 : j->kern->nt)(&g);
 }
@@ -405,7 +403,7 @@ static void h_row(const moe_job *j, int64_t p, float *h) {
  * (src, row stride C) through pack_bf16 in the bf16 mode, int8 rows (q, row stride qld) through
  * pack_q8 in the int8 mode. */
 static void prep_group(moe_job *j, int64_t task, int tid, const float *src, const int8_t *q, int64_t qld, int64_t C,
-                       int by_token, int layout, const kt_matrix_layout *L_next, const void *base_next) {
+                       int by_token, int layout) {
     const int64_t e = j->active[task], M = j->offs[e + 1] - j->offs[e];
     const void **rows = j->arows + (size_t)tid * (size_t)j->P;
     for (int64_t m = 0; m < M; m++) {
@@ -423,31 +421,25 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     else if (j->prep8)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, layout,
                          (int8_t *)j->opb + j->blk16[e] * 16 * ((C + 63) & ~(int64_t)63));
-    else if (L_next && j->prep_scaled) /* tn's operand with the row scales of the matrix it reads (int8) */
-        j->kern->pack_bf16_scaled((const float *const *)rows, M, C,
-                                  L_next->format == KT_FORMAT_INT8
-                                      ? (const float *)(expert_mat(base_next, L_next, e) + L_next->scales_offset)
-                                      : NULL,
-                                  dst, dst + j->op_rows * C32);
     else
         j->kern->pack_bf16((const float *const *)rows, M, C, layout, dst);
 }
 
 static void f0p_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
-    prep_group(j, task, tid, j->act, j->xq, j->xq_ld, j->a->H, 1, KT_PACK_VNNI, NULL, NULL);
+    prep_group(j, task, tid, j->act, j->xq, j->xq_ld, j->a->H, 1, KT_PACK_VNNI);
 }
 static void f1p_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
-    prep_group(j, task, tid, j->h, j->hq, j->hq_ld, j->a->I, 0, KT_PACK_VNNI, NULL, NULL);
+    prep_group(j, task, tid, j->h, j->hq, j->hq_ld, j->a->I, 0, KT_PACK_VNNI);
 }
 static void b0p_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj; /* bf16: dy by token; int8: the folded dy by pair */
-    prep_group(j, task, tid, j->act, j->zq, j->zq_ld, j->a->H, !j->prep8, KT_PACK_TILES, &j->Ld, j->a->down);
+    prep_group(j, task, tid, j->act, j->zq, j->zq_ld, j->a->H, !j->prep8, KT_PACK_TILES);
 }
 static void b2p_task(void *vj, int64_t task, int tid) {
     moe_job *j = vj;
-    prep_group(j, task, tid, j->dgu, j->zq, j->zq_ld, 2 * j->a->I, 0, KT_PACK_TILES, &j->Lgu, j->a->gate_up);
+    prep_group(j, task, tid, j->dgu, j->zq, j->zq_ld, 2 * j->a->I, 0, KT_PACK_TILES);
 }
 
 /* ---- forward ------------------------------------------------------------------------------ */

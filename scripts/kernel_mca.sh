@@ -67,6 +67,8 @@ LOOPS = [
     ("avx512", "ukernel_direct_bf16_12", "tn direct, bf16 dequant in loop (M <= 12)", ZMM_CPUS),
     ("avx512", "ukernel_direct_int8_12", "tn direct, int8 dequant in loop", ZMM_CPUS),
     ("avx512", "ukernel_direct_int4_12", "tn direct, int4 dequant in loop", ZMM_CPUS),
+    ("avx512", "ukernel_direct_int8rw_12", "tn direct, int8, weights rounded to bf16", ZMM_CPUS),
+    ("avx512", "ukernel_direct_int4rw_12", "tn direct, int4, table rounded to bf16", ZMM_CPUS),
     ("avx512", "nt_dot_bf16", "nt dot form 4x4, bf16 (M <= 12)", ZMM_CPUS),
     ("avx512", "nt_dot_int8", "nt dot form 4x4, int8", ZMM_CPUS),
     ("avx512", "dots_avx512", "LoRA dots, 4 rows", ZMM_CPUS),

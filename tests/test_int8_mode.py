@@ -12,12 +12,13 @@ from kt_sft.engine.formats import ComputeMode, Format
 # vs the twin: only fp32 rounding in sums and scale products (measured ~1e-7), plus rare one-quantum
 # flips where the engine's fp32 h and the twin's float64 h straddle a rounding boundary.
 TWIN_REL_ERR = 1e-5
-# int4 weights' dx: the backward rounds dy and dgu to bf16 (as the bf16 mode does), and where the
+# int4 weights' dx: the backward rounds dy, dgu and the weights to bf16 (as the bf16 mode does), and where the
 # engine's fp32 dgu and the twin's float64 one straddle a bf16 rounding boundary the two round one
 # bf16 ulp (2^-8 relative) apart. Each element flips with probability ~ (fp32 error) / 2^-8, so the
 # relative error is ~ sqrt(flip rate) * 2^-8 and grows with the number of elements: measured over
 # 10 seeds, worst 3.5e-5 at this test's shapes, 1.05e-4 at H = 2048, I = 512, 384 pairs (scalar and
-# avx512; amx 5.2e-5). An indexing or tail bug is an O(1) error.
+# avx512; amx 5.2e-5; measured before session 10 rounded the weights too). An indexing or tail bug is
+# an O(1) error.
 TWIN_BF16_GRAD_REL_ERR = 5e-4
 # vs float64 without activation quantization: per-token int8 activations cost ~1% per product.
 INT8_MODE_REL_ERR = {Format.INT8: 4e-2, Format.INT4: 4e-2}

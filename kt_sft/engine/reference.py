@@ -153,19 +153,35 @@ def _round_bf16(v: torch.Tensor) -> torch.Tensor:
 def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, fmt):
     """Twin of the engine's int8-mode backward: for int8 weights the incoming gradients, with the
     weights' per-row scales folded in, are quantized per pair; for int4 weights (per-block scales
-    along the backward's sums) the gradients dy and dgu are rounded to bf16, as in the bf16 mode."""
-    inter = down_proj.shape[2]
-    x64, w64, dy64 = x.double(), top_k_weights.double(), dy.double()
+    along the backward's sums) the backward is the bf16 mode's: the gradients dy and dgu and the
+    (dequantized) weights they multiply are rounded to bf16."""
     xq, xs = quantize_activations(x)
+    x_in = xq.double() * xs[:, None].double()
     q_bwd = Format.parse(fmt) is Format.INT8
+    return _moe_backward_twin(x_in, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, q_bwd=q_bwd, round_h=False)
+
+
+def moe_backward_bf16(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy):
+    """Twin of the engine's bf16-mode backward: x, h, the gradients dy and dgu, and the (dequantized)
+    weights the gradients multiply are rounded to bf16; float64 sums."""
+    x_in = _round_bf16(x.double())
+    return _moe_backward_twin(x_in, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, q_bwd=False, round_h=True)
+
+
+def _moe_backward_twin(x_in, top_k_index, top_k_weights, gate_up_proj, down_proj, dy, *, q_bwd, round_h):
+    """(dx, dw) of the layer whose forward input is x_in (float64, as the engine's forward saw it).
+    q_bwd: the int8 mode's quantized backward (int8 weights); else the bf16 products (gradients and
+    weights rounded to bf16), with h rounded too for dw when round_h (the bf16 mode)."""
+    inter = down_proj.shape[2]
+    w64, dy64 = top_k_weights.double(), dy.double()
     if q_bwd:
         gq, gd = _int8_quants(gate_up_proj.double())
         dq, dd = _int8_quants(down_proj.double())
-    dx = torch.zeros_like(x64)
+    dx = torch.zeros_like(x_in)
     dw = torch.zeros_like(w64)
     for e in torch.unique(top_k_index).tolist():
         tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-        gu = (xq[tok].double() @ gate_up_proj[e].double().T) * xs[tok, None].double()
+        gu = x_in[tok] @ gate_up_proj[e].double().T
         g, u = gu[:, :inter], gu[:, inter:]
         s = torch.sigmoid(g)
         h = g * s * u
@@ -173,13 +189,13 @@ def moe_backward_int8(x, top_k_index, top_k_weights, gate_up_proj, down_proj, dy
             zq, zs = quantize_activations(dy64[tok] * dd[e])
             dhu = (zq.double() @ dq[e]) * zs[:, None].double()
         else:
-            dhu = _round_bf16(dy64[tok]) @ down_proj[e].double()
-        dw[tok, slot] = (h * dhu).sum(dim=1)
+            dhu = _round_bf16(dy64[tok]) @ _round_bf16(down_proj[e].double())
+        dw[tok, slot] = ((_round_bf16(h) if round_h else h) * dhu).sum(dim=1)
         dh = dhu * w64[tok, slot, None]
         dgu = torch.cat([dh * u * s * (1 + g * (1 - s)), dh * g * s], dim=1)
         if q_bwd:
             zq, zs = quantize_activations(dgu * gd[e])
             dx.index_add_(0, tok, (zq.double() @ gq[e]) * zs[:, None].double())
         else:
-            dx.index_add_(0, tok, _round_bf16(dgu) @ gate_up_proj[e].double())
+            dx.index_add_(0, tok, _round_bf16(dgu) @ _round_bf16(gate_up_proj[e].double()))
     return dx, dw
