@@ -124,9 +124,12 @@ static inline zf int4_table(const kt_matrix_layout *L, const uint8_t *mat, int64
 
 /* 16 fp32 values rounded to bf16, nearest even, as kt_round_bf16 (finite values: the weights). */
 static inline zf round_bf16_16(zf v) {
+    /* u + 0x7fff, plus one where bf16's last bit (bit 16) is set, then truncated: four instructions
+     * without a shift (a shift of a zmm runs on port 0 alone on Intel cores, with the FMAs) */
     const zi u = ZMM(castps_si512)(v);
-    const zi odd = ZMM(and_si512)(ZMM(srli_epi32)(u, 16), ZMM(set1_epi32)(1));
-    const zi r = ZMM(add_epi32)(u, ZMM(add_epi32)(odd, ZMM(set1_epi32)(0x7fff)));
+    const __mmask16 odd = ZMM(test_epi32_mask)(u, ZMM(set1_epi32)(0x10000));
+    zi r = ZMM(add_epi32)(u, ZMM(set1_epi32)(0x7fff));
+    r = ZMM(mask_add_epi32)(r, odd, r, ZMM(set1_epi32)(1));
     return ZMM(castsi512_ps)(ZMM(and_si512)(r, ZMM(set1_epi32)((int)0xffff0000u)));
 }
 
@@ -170,23 +173,24 @@ static inline __attribute__((always_inline)) zf load16(int fmt, const kt_matrix_
     }
 }
 
-/* int4 W[n][k0 .. k0+16) and W[n][k1 .. k1+16) with k0, k1 (multiples of 16) in the same 32-block:
- * one load of the block's 16 bytes and one table for both. */
+/* int4 W[n][k0 .. k0+16) and W[n][k0+16 .. k0+32), k0 a multiple of 32 (one 32-block): one load of
+ * the block's 16 bytes, one table for both, and constant shifts (the low nibbles need none). */
 static inline __attribute__((always_inline)) void load32_int4(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n,
-                                                              int64_t k0, int64_t k1, zf *p0, zf *p1) {
+                                                              int64_t k0, zf *p0, zf *p1) {
     const int64_t b = k0 / KT_INT4_BLOCK;
     const zi bytes = load_u8x16(row_of(L, mat, n) + b * (KT_INT4_BLOCK / 2));
     const zf values = int4_table_fmt(fmt, L, mat, n, b);
-    *p0 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, (k0 % KT_INT4_BLOCK) ? 4 : 0), values);
-    *p1 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, (k1 % KT_INT4_BLOCK) ? 4 : 0), values);
+    *p0 = ZMM(permutexvar_ps)(bytes, values);
+    *p1 = ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, 4), values);
 }
 
-/* Row n of the packed matrix at columns c0 and c1 (16 each), dequantized; int4: c0 and c1 in one
- * 32-block (one load, one table). */
+/* Row n of the packed matrix at columns c0 and c1 (16 each), dequantized. int4: c0 a multiple of 32
+ * and p1 always columns c0 + 16 .. c0 + 32 of the same block (c1 unused: a caller with c1 == c0,
+ * the direct form's narrow stripe, ignores p1). */
 static inline __attribute__((always_inline)) void direct_pair(int fmt, const kt_matrix_layout *L, const uint8_t *w,
                                                               int64_t n, int64_t c0, int64_t c1, zf *p0, zf *p1) {
     if (fmt_int4(fmt)) {
-        load32_int4(fmt, L, w, n, c0, c1, p0, p1);
+        load32_int4(fmt, L, w, n, c0, p0, p1);
     } else {
         *p0 = load16(fmt, L, w, n, c0);
         *p1 = load16(fmt, L, w, n, c1);
@@ -367,13 +371,17 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
 
 typedef void (*ukernel_fn)(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load);
 typedef void (*ukernel_packed_fn)(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load);
-typedef void (*ukernel_direct_fn)(int64_t N, const float *const *a, const kt_matrix_layout *L, const uint8_t *w,
+typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_layout *L, const uint8_t *w,
                                   int64_t c0, int64_t c1, float (*c)[NR]);
 
+/* The direct forms read the prepared operand (one tile: element (n, i) at Ap[n * R + i]), so a step's
+ * broadcasts come from one pointer at constant offsets: with R separate row pointers the 12-row loop
+ * ran out of general registers and spilled (llvm-mca, sapphirerapids, int4 rounded: 36 -> see
+ * docs/engine.md). */
 #define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
-    static void ukernel_direct_##F##_##R(int64_t N, const float *const *a, const kt_matrix_layout *L,           \
+    static void ukernel_direct_##F##_##R(int64_t N, const float *Ap, const kt_matrix_layout *L,                 \
                                          const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {            \
-        ukernel_any(R, 0, 0, N, a, NULL, NULL, FMT, L, w, c0, c1, c, 0);                                        \
+        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                       \
     }
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
@@ -715,21 +723,54 @@ static void pack_pairs_avx512(const float *const *rows, int64_t M, int64_t C, ui
 
 /* ---- nt: the forward direction -------------------------------------------------------------- */
 
-/* Dot form for few tokens (no panel): a 4-token x 4-row tile of 16-lane partial sums, the weights
- * dequantized in registers as they stream from L1, one horizontal sum per output at the end. The
- * token rows are first copied, zero-padded to Kr, into A (bf16: each 32-block split into its even
- * and odd elements, matching the weights' split, one instruction per 16 weights). int8 sums the
- * integer quants and applies the row scale once per output. int4's unpacking costs more than the
- * panel it would save, so int4 always builds panels. */
+/* Dot form for few tokens (no panel): a tile of tokens x 4 weight rows of 16-lane partial sums, the
+ * weights dequantized in registers as they stream from L1, one horizontal sum per output at the end.
+ * The token rows are first copied, zero-padded to Kr, into A (bf16: each 32-block split into its
+ * even and odd elements, matching the weights' split, one instruction per 16 weights).
+ *   bf16: 4 tokens, 32-column steps (8 weight vectors live; the split costs nothing on port 0).
+ *   int8: up to 6 tokens (M split into near-equal tiles), 16-column steps: each of the 4 converted
+ *         weight vectors (vcvtdq2ps, port 0 on Intel cores, like the FMAs) serves 6 tokens, not 4
+ *         (llvm-mca, sapphirerapids: 80% -> see docs/engine.md). It sums the integer quants and
+ *         applies the row scale once per output; every output's sum runs in the same order either
+ *         way (k ascending, lane k % 16).
+ * int4's unpacking costs more than the panel it would save, so int4 always builds panels. */
 #define DOT_MR 4
 #define DOT_NR 4
+#define DOT8_MR 6
+
+/* int8: c[i][r] = 16-lane partial sums of A's rows i < R times weight rows w[r], over Kr columns. */
+static inline __attribute__((always_inline)) void dot_int8_tile(int R, const uint8_t *const *w, const float *a,
+                                                                int64_t Kr, zf c[DOT8_MR][DOT_NR]) {
+    for (int i = 0; i < R; i++)
+        for (int r = 0; r < DOT_NR; r++) c[i][r] = ZMM(setzero_ps)();
+    for (int64_t k = 0; k < Kr; k += 16) {
+        zf wv[DOT_NR];
+        for (int r = 0; r < DOT_NR; r++) wv[r] = cvt_ps(load_i8x16(w[r] + k));
+        for (int i = 0; i < R; i++) {
+            const zf x = ZMM(load_ps)(a + i * Kr + k);
+            for (int r = 0; r < DOT_NR; r++) c[i][r] = ZMM(fmadd_ps)(x, wv[r], c[i][r]);
+        }
+    }
+}
+
+static void dot_int8(int R, const uint8_t *const *w, const float *a, int64_t Kr, zf c[DOT8_MR][DOT_NR]) {
+    _Static_assert(DOT8_MR == 6, "one case per tile height");
+    switch (R) {
+    case 1: dot_int8_tile(1, w, a, Kr, c); break;
+    case 2: dot_int8_tile(2, w, a, Kr, c); break;
+    case 3: dot_int8_tile(3, w, a, Kr, c); break;
+    case 4: dot_int8_tile(4, w, a, Kr, c); break;
+    case 5: dot_int8_tile(5, w, a, Kr, c); break;
+    default: dot_int8_tile(6, w, a, Kr, c); break;
+    }
+}
 
 static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_gemm *g, float *A) {
     const kt_matrix_layout *L = g->L;
     const int64_t K = L->K, Kr = (K + 31) & ~(int64_t)31, Mr = (g->M + DOT_MR - 1) / DOT_MR * DOT_MR;
     const zi even = ZMM(setr_epi32)(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const zi odd = ZMM(add_epi32)(even, ZMM(set1_epi32)(1));
-    for (int64_t m = 0; m < Mr; m++) {
+    for (int64_t m = 0; m < (fmt == KT_FORMAT_BF16 ? Mr : g->M); m++) {
         float *d = A + m * Kr;
         if (m >= g->M) {
             memset(d, 0, sizeof(float) * (size_t)Kr);
@@ -755,35 +796,39 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
         }
     }
     const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
+    const int64_t tiles8 = (g->M + DOT8_MR - 1) / DOT8_MR;
     for (int64_t n0 = g->lo; n0 < g->hi; n0 += DOT_NR) {
         const uint8_t *w[DOT_NR];
         for (int r = 0; r < DOT_NR; r++) w[r] = row_of(L, g->w, n0 + r < g->hi ? n0 + r : g->hi - 1);
-        for (int64_t m0 = 0; m0 < g->M; m0 += DOT_MR) {
-            const float *a = A + m0 * Kr;
-            zf c[DOT_MR][DOT_NR];
-            for (int i = 0; i < DOT_MR; i++)
-                for (int r = 0; r < DOT_NR; r++) c[i][r] = ZMM(setzero_ps)();
-            for (int64_t k = 0; k < Kr; k += 32) {
-                zf w0[DOT_NR], w1[DOT_NR];
-                for (int r = 0; r < DOT_NR; r++) {
-                    if (fmt == KT_FORMAT_BF16) {
+        for (int64_t t = 0; t < (fmt == KT_FORMAT_BF16 ? Mr / DOT_MR : tiles8); t++) {
+            int64_t m0 = t * DOT_MR, rows = DOT_MR;
+            zf c[DOT8_MR][DOT_NR];
+            if (fmt == KT_FORMAT_INT8) {
+                const int64_t base = g->M / tiles8, extra = g->M % tiles8; /* near-equal tiles, as tile_of */
+                m0 = t * base + (t < extra ? t : extra);
+                rows = base + (t < extra);
+                dot_int8((int)rows, w, A + m0 * Kr, Kr, c);
+            } else {
+                const float *a = A + m0 * Kr;
+                for (int i = 0; i < DOT_MR; i++)
+                    for (int r = 0; r < DOT_NR; r++) c[i][r] = ZMM(setzero_ps)();
+                for (int64_t k = 0; k < Kr; k += 32) {
+                    zf w0[DOT_NR], w1[DOT_NR];
+                    for (int r = 0; r < DOT_NR; r++) {
                         const zi v = ZMM(loadu_si512)(w[r] + 2 * k);
                         w0[r] = ZMM(castsi512_ps)(ZMM(slli_epi32)(v, 16));
                         w1[r] = ZMM(castsi512_ps)(ZMM(and_si512)(v, hi16));
-                    } else {
-                        w0[r] = cvt_ps(load_i8x16(w[r] + k));
-                        w1[r] = cvt_ps(load_i8x16(w[r] + k + 16));
                     }
-                }
-                for (int i = 0; i < DOT_MR; i++) {
-                    const zf x0 = ZMM(load_ps)(a + i * Kr + k), x1 = ZMM(load_ps)(a + i * Kr + k + 16);
-                    for (int r = 0; r < DOT_NR; r++) {
-                        c[i][r] = ZMM(fmadd_ps)(x0, w0[r], c[i][r]);
-                        c[i][r] = ZMM(fmadd_ps)(x1, w1[r], c[i][r]);
+                    for (int i = 0; i < DOT_MR; i++) {
+                        const zf x0 = ZMM(load_ps)(a + i * Kr + k), x1 = ZMM(load_ps)(a + i * Kr + k + 16);
+                        for (int r = 0; r < DOT_NR; r++) {
+                            c[i][r] = ZMM(fmadd_ps)(x0, w0[r], c[i][r]);
+                            c[i][r] = ZMM(fmadd_ps)(x1, w1[r], c[i][r]);
+                        }
                     }
                 }
             }
-            for (int i = 0; i < DOT_MR && m0 + i < g->M; i++) {
+            for (int i = 0; i < rows && m0 + i < g->M; i++) {
                 const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
                 float *o = g->out_rows[m0 + i] + (n0 - g->lo);
                 for (int r = 0; r < DOT_NR && n0 + r < g->hi; r++) {
@@ -867,17 +912,18 @@ static void tn_avx512(const kt_gemm *g) {
         kouter_packed(g, 1, 0, N, (N + 31) & ~(int64_t)31, P, (float (*)[NR])(P + NR * KC));
         return;
     }
+    const float *Ap = g->a_f32;
+    if (g->M <= TN_DIRECT_MAX_M && g->M > 0 && !Ap) { /* one tile: prepared here, in the panel's room */
+        pack_f32_avx512((const float *const *)g->a_rows, g->M, N, P);
+        Ap = P;
+    }
     for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
         const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
         if (g->M <= TN_DIRECT_MAX_M) {
-            const int64_t tiles = (g->M + MR - 1) / MR;
-            for (int64_t t = 0; t < tiles; t++) {
-                int64_t m0, rows;
-                tile_of(g->M, t, &m0, &rows);
-                const float *a[MR];
-                for (int i = 0; i < rows; i++) a[i] = g->a_rows[m0 + i];
-                ukernels_direct[tn_fmt(g)][rows](N, a, g->L, g->w, c0, width > 16 ? c0 + 16 : c0, cbuf);
-                write_tile(g, m0, rows, cbuf, c0 - g->lo, width);
+            _Static_assert(TN_DIRECT_MAX_M <= MR, "the direct form takes one tile");
+            if (g->M > 0) {
+                ukernels_direct[tn_fmt(g)][g->M](N, Ap, g->L, g->w, c0, width > 16 ? c0 + 16 : c0, cbuf);
+                write_tile(g, 0, g->M, cbuf, c0 - g->lo, width);
             }
             continue;
         }

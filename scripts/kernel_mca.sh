@@ -70,7 +70,7 @@ LOOPS = [
     ("avx512", "ukernel_direct_int8rw_12", "tn direct, int8, weights rounded to bf16", ZMM_CPUS),
     ("avx512", "ukernel_direct_int4rw_12", "tn direct, int4, table rounded to bf16", ZMM_CPUS),
     ("avx512", "nt_dot_bf16", "nt dot form 4x4, bf16 (M <= 12)", ZMM_CPUS),
-    ("avx512", "nt_dot_int8", "nt dot form 4x4, int8", ZMM_CPUS),
+    ("avx512", "nt_dot_int8", "nt dot form 6x4, int8", ZMM_CPUS),
     ("avx512", "dots_avx512", "LoRA dots, 4 rows", ZMM_CPUS),
     ("avx512", "nt_q8_int8_tile_12", "int8 mode, int8 nt 12x32 vpdpbusd tile", ZMM_CPUS),
     ("avx512", "tn_q8_tile_12", "int8 mode, int8 tn 12x32 vpdpbusd tile", ZMM_CPUS),
