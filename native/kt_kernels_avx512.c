@@ -376,7 +376,7 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_la
 
 /* The direct forms read the prepared operand (one tile: element (n, i) at Ap[n * R + i]), so a step's
  * broadcasts come from one pointer at constant offsets: with R separate row pointers the 12-row loop
- * ran out of general registers and spilled (llvm-mca, sapphirerapids, int4 rounded: 36 -> see
+ * ran out of general registers and spilled (llvm-mca, sapphirerapids, int4 rounded: 36 -> 28 cycles per step;
  * docs/engine.md). */
 #define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
     static void ukernel_direct_##F##_##R(int64_t N, const float *Ap, const kt_matrix_layout *L,                 \
@@ -730,7 +730,7 @@ static void pack_pairs_avx512(const float *const *rows, int64_t M, int64_t C, ui
  *   bf16: 4 tokens, 32-column steps (8 weight vectors live; the split costs nothing on port 0).
  *   int8: up to 6 tokens (M split into near-equal tiles), 16-column steps: each of the 4 converted
  *         weight vectors (vcvtdq2ps, port 0 on Intel cores, like the FMAs) serves 6 tokens, not 4
- *         (llvm-mca, sapphirerapids: 80% -> see docs/engine.md). It sums the integer quants and
+ *         (llvm-mca, sapphirerapids: 80% -> 86% of the FMA bound). It sums the integer quants and
  *         applies the row scale once per output; every output's sum runs in the same order either
  *         way (k ascending, lane k % 16).
  * int4's unpacking costs more than the panel it would save, so int4 always builds panels. */
