@@ -419,11 +419,12 @@ static const ukernel_direct_fn ukernels_direct[FMT_COUNT][MR + 1] = {
 
 /* Tile t of M rows split into ceil(M / MR) tiles of near-equal height (no tile of 1-3 rows when it
  * can be avoided: those would wait on the FMA latency). */
-static inline void tile_of(int64_t M, int64_t t, int64_t *m0, int64_t *rows) {
-    const int64_t n = (M + MR - 1) / MR, base = M / n, extra = M % n;
+static inline void tile_of_height(int64_t M, int64_t height, int64_t t, int64_t *m0, int64_t *rows) {
+    const int64_t n = (M + height - 1) / height, base = M / n, extra = M % n;
     *m0 = t * base + (t < extra ? t : extra);
     *rows = base + (t < extra);
 }
+static inline void tile_of(int64_t M, int64_t t, int64_t *m0, int64_t *rows) { tile_of_height(M, MR, t, m0, rows); }
 
 /* Rows [first, last) of tiles [t0, t1) of tile_of(M). */
 static inline void tiles_span(int64_t M, int64_t t0, int64_t t1, int64_t *first, int64_t *last) {
@@ -804,9 +805,7 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
             int64_t m0 = t * DOT_MR, rows = DOT_MR;
             zf c[DOT8_MR][DOT_NR];
             if (fmt == KT_FORMAT_INT8) {
-                const int64_t base = g->M / tiles8, extra = g->M % tiles8; /* near-equal tiles, as tile_of */
-                m0 = t * base + (t < extra ? t : extra);
-                rows = base + (t < extra);
+                tile_of_height(g->M, DOT8_MR, t, &m0, &rows);
                 dot_int8((int)rows, w, A + m0 * Kr, Kr, c);
             } else {
                 const float *a = A + m0 * Kr;
