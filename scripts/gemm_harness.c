@@ -98,8 +98,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: gemm_harness [M in %d..%d] [experts >= 1] [rounds 1..64]\n", KO_NT_MIN_M, MG);
         return 2;
     }
-    if (!(kt_cpu_features() & KT_CPU_AVX512F)) {
-        fprintf(stderr, "gemm_harness: this CPU has no AVX-512F\n");
+    /* what the avx512 kernel table needs (kt_core.c: CPUID and the OS's ZMM state) */
+    const int need = KT_CPU_AVX2 | KT_CPU_FMA | KT_CPU_F16C | KT_CPU_AVX512F | KT_CPU_AVX512BW | KT_CPU_AVX512VL |
+                     KT_CPU_AVX512DQ;
+    if ((kt_cpu_features() & need) != need) {
+        fprintf(stderr, "gemm_harness: this CPU lacks AVX-512 F/BW/VL/DQ (or AVX2/FMA/F16C)\n");
         return 2;
     }
     kt_set_num_threads(1);
