@@ -147,7 +147,7 @@ typedef struct {
     /* The M fp32 rows again as prepared by the job through the table's pack_f32 (f32 and bf16
      * compute modes, tables with pack_f32), in that table's own layout; else NULL. */
     const float *a_f32;
-    /* Likewise for tables with pack_pairs (bf16 weights, bf16 mode, pairs_enabled()): the rows as
+    /* Likewise for tables with pack_pairs (bf16 mode, pairs_enabled(), every format): the rows as
      * bf16 pairs of consecutive columns, one 32-bit word per pair, in that table's layout. */
     const uint32_t *a_pairs;
     /* tn only, set in the bf16 compute mode's backward on int8 / int4 weights: multiply by each
@@ -201,8 +201,8 @@ typedef struct {
     /* Optional (tables without pack_bf16): the f32 / bf16 modes' float rows into the table's own
      * fp32 layout for nt / tn (kt_gemm.a_f32), at most M x round32(C) floats at dst, none past them. */
     void (*pack_f32)(const float *const *rows, int64_t M, int64_t C, float *dst);
-    /* Optional: the bf16 mode's rows (bf16-exact fp32 values) as bf16 pairs for products on bf16
-     * weights (kt_gemm.a_pairs), at most M x round32(C) / 2 words at dst; used when pairs_enabled()
+    /* Optional: the bf16 mode's rows (bf16-exact fp32 values) as bf16 pairs for the vdpbf16ps products
+     * on any format (kt_gemm.a_pairs), at most M x round32(C) / 2 words at dst; used when pairs_enabled()
      * says so (checked once per layer call). */
     void (*pack_pairs)(const float *const *rows, int64_t M, int64_t C, uint32_t *dst);
     int (*pairs_enabled)(void);

@@ -314,13 +314,13 @@ static inline simde__m512bh as_bh(zi v) {
 static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int dp, int64_t Kc, const float *const *a, const float *Ap,
                                                               const float *P, int fmt, const kt_matrix_layout *L,
                                                               const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR],
-                                                              int load) {
+                                                              int load, const float *bs) {
     /* Named accumulators, not an array: the asm operands of FMA_BCAST would pin an array in memory. */
 #define KT_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define KT_INIT(i)                                                                                  \
     zf c##i##a = ZMM(setzero_ps)(), c##i##b = ZMM(setzero_ps)();                                    \
     const float *a##i = (i) < R && !packed ? a[(i) < R ? (i) : 0] : NULL;                           \
-    if ((i) < R && load) {                                                                          \
+    if ((i) < R && load && !bs) {                                                                   \
         c##i##a = ZMM(loadu_ps)(c[i]);                                                              \
         c##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
     }
@@ -333,7 +333,11 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         FMA_BCAST(c##i##b, p1, packed ? Ap + k * R + (i) : a##i + k);                               \
     }
 #define KT_STORE(i)                                                                                 \
-    if ((i) < R) {                                                                                  \
+    if ((i) < R && bs) {                                                                            \
+        ZMM(storeu_ps)(c[i], ZMM(fmadd_ps)(c##i##a, s0, load ? ZMM(loadu_ps)(c[i]) : ZMM(setzero_ps)())); \
+        ZMM(storeu_ps)(c[i] + 16,                                                                   \
+                       ZMM(fmadd_ps)(c##i##b, s1, load ? ZMM(loadu_ps)(c[i] + 16) : ZMM(setzero_ps)())); \
+    } else if ((i) < R) {                                                                           \
         ZMM(storeu_ps)(c[i], c##i##a);                                                              \
         ZMM(storeu_ps)(c[i] + 16, c##i##b);                                                         \
     }
@@ -362,6 +366,7 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         }
         KT_ROWS(KT_STEP)
     }
+    const zf s0 = bs ? ZMM(loadu_ps)(bs) : ZMM(setzero_ps)(), s1 = bs ? ZMM(loadu_ps)(bs + 16) : ZMM(setzero_ps)();
     KT_ROWS(KT_STORE)
 #undef KT_ROWS
 #undef KT_INIT
@@ -381,14 +386,14 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_la
 #define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
     static void ukernel_direct_##F##_##R(int64_t N, const float *Ap, const kt_matrix_layout *L,                 \
                                          const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {            \
-        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                       \
+        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0, NULL);                                       \
     }
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
-        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                    \
+        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load, NULL);                                    \
     }                                                                                                           \
     static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
-        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                   \
+        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load, NULL);                                   \
     }                                                                                                           \
     KT_UKERNEL_DIRECT(R, bf16, KT_FORMAT_BF16)                                                                  \
     KT_UKERNEL_DIRECT(R, int8, KT_FORMAT_INT8)                                                                  \
@@ -443,15 +448,22 @@ static inline void tiles_span(int64_t M, int64_t t0, int64_t t1, int64_t *first,
 #endif
 #define MC 96
 
-/* out[m][col .. col+width) (+)= alpha[m] * c[i] for the tile rows i of tokens m = m0 + i. */
-static void write_tile(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR], int64_t col, int64_t width) {
+/* out[m][col .. col+width) (+)= alpha[m] * (cs[j] * c[i][j]) for the tile rows i of tokens m = m0 + i
+ * (cs: per-column scales, NULL for none). */
+static void write_tile_scaled(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR], int64_t col, int64_t width,
+                              const float *cs) {
+    float ones[NR];
+    if (!cs) {
+        for (int j = 0; j < NR; j++) ones[j] = 1.0f;
+        cs = ones;
+    }
     for (int64_t i = 0; i < rows; i++) {
         const float *acc = c[i];
         float *o = g->out_rows[m0 + i] + col;
         const float s = g->alpha ? g->alpha[m0 + i] : 1.0f;
         if (width == NR) {
-            zf v0 = ZMM(mul_ps)(ZMM(loadu_ps)(acc), ZMM(set1_ps)(s));
-            zf v1 = ZMM(mul_ps)(ZMM(loadu_ps)(acc + 16), ZMM(set1_ps)(s));
+            zf v0 = ZMM(mul_ps)(ZMM(mul_ps)(ZMM(loadu_ps)(acc), ZMM(loadu_ps)(cs)), ZMM(set1_ps)(s));
+            zf v1 = ZMM(mul_ps)(ZMM(mul_ps)(ZMM(loadu_ps)(acc + 16), ZMM(loadu_ps)(cs + 16)), ZMM(set1_ps)(s));
             if (g->accumulate) {
                 v0 = ZMM(add_ps)(v0, ZMM(loadu_ps)(o));
                 v1 = ZMM(add_ps)(v1, ZMM(loadu_ps)(o + 16));
@@ -459,9 +471,13 @@ static void write_tile(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR
             ZMM(storeu_ps)(o, v0);
             ZMM(storeu_ps)(o + 16, v1);
         } else {
-            for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + s * acc[j] : s * acc[j];
+            for (int64_t j = 0; j < width; j++) o[j] = g->accumulate ? o[j] + (cs[j] * acc[j]) * s : (cs[j] * acc[j]) * s;
         }
     }
+}
+
+static void write_tile(const kt_gemm *g, int64_t m0, int64_t rows, float (*c)[NR], int64_t col, int64_t width) {
+    write_tile_scaled(g, m0, rows, c, col, width, NULL);
 }
 
 /* Runs the micro-kernel over all M rows for one panel (contraction length Kc) and writes columns
@@ -525,20 +541,27 @@ static inline void store_tile_columns(float *d, int64_t j0, int64_t R, int64_t n
 
 /* ---- bf16 pairs: vdpbf16ps ------------------------------------------------------------------ */
 
-/* The bf16 compute mode on bf16 weights can also run on vdpbf16ps, which adds two bf16 products per
- * fp32 lane: acc[j] += a[2q] w[2q][j] + a[2q+1] w[2q+1][j] (each product is exact in fp32; the
- * hardware adds the odd one first and flushes denormals). Used where this core runs it faster than
- * two zmm FMAs (kt_bf16_dot: Zen 5 does, Zen 4 and the Xeons do not); same 12 x 32 tile, half the
- * steps, with panels of bf16 pairs -- one 32-bit word per pair of the contraction:
- *   nt: P[q][j] = (W[n0+j][2q], W[n0+j][2q+1])     the packed rows' words, transposed 16 x 16
- *   tn: P[q][j] = (W[2q][c0+j], W[2q+1][c0+j])     two rows' 16-bit elements interleaved
- * and the job's operand in the same pairs (pack_pairs_avx512). Only bf16 weights: the int8 / int4
- * weights of the bf16 mode keep the FMA kernels (their scales vary along tn's contraction). */
+/* The bf16 compute mode can also run on vdpbf16ps, which adds two bf16 products per fp32 lane:
+ * acc[j] += a[2q] w[2q][j] + a[2q+1] w[2q+1][j] (each product is exact in fp32; the hardware adds the
+ * odd one first and flushes denormals). Used where this core runs it faster than zmm FMAs
+ * (kt_bf16_dot, measured at start-up: Zen 4 2.0x -- its zmm FMA is two 256-bit halves, its
+ * vdpbf16ps one zmm per cycle -- while the Xeons without AMX measured 0.5x); same 12 x 32 tile,
+ * half the steps, with panels of bf16 pairs -- one 32-bit word per pair of the contraction -- and
+ * the job's operand in the same pairs (pack_pairs_avx512). Every pack format, each exact to the
+ * bf16 mode's definition (docs/formats.md):
+ *   nt: P[q][j] = (W[n0+j][2q], W[n0+j][2q+1]) as stored (bf16), or the integer quants (int8) / q - 8
+ *       (int4), exact in bf16; the scales factor out of the sum: int8's row scale is applied to each
+ *       output when it is written (write_tile's column scales), int4's 32-block scales per block of
+ *       16 pair steps (the ukernel's block fold: c += s_b * block sum, one FMA per accumulator).
+ *   tn: P[q][j] = (W'[2q][c0+j], W'[2q+1][c0+j]), two rows' elements interleaved; bf16 as stored,
+ *       int8 / int4 the dequantized weights rounded to bf16 (round_w: the backward's definition). */
 
-typedef void (*ukernel_dp_fn)(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load);
+typedef void (*ukernel_dp_fn)(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load,
+                              const float *bs);
 #define KT_UKERNEL_DP(R)                                                                                      \
-    static void ukernel_dp_##R(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load) { \
-        ukernel_any(R, 1, 1, Kp, NULL, (const float *)Ap, (const float *)P, -1, NULL, NULL, 0, 0, c, load);   \
+    static void ukernel_dp_##R(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load,   \
+                               const float *bs) {                                                             \
+        ukernel_any(R, 1, 1, Kp, NULL, (const float *)Ap, (const float *)P, -1, NULL, NULL, 0, 0, c, load, bs); \
     }
 KT_UKERNEL_DP(1) KT_UKERNEL_DP(2) KT_UKERNEL_DP(3) KT_UKERNEL_DP(4) KT_UKERNEL_DP(5) KT_UKERNEL_DP(6)
 KT_UKERNEL_DP(7) KT_UKERNEL_DP(8) KT_UKERNEL_DP(9) KT_UKERNEL_DP(10) KT_UKERNEL_DP(11) KT_UKERNEL_DP(12)
@@ -547,45 +570,110 @@ static const ukernel_dp_fn ukernels_dp[MR + 1] = {NULL, ukernel_dp_1, ukernel_dp
                                                   ukernel_dp_5, ukernel_dp_6, ukernel_dp_7, ukernel_dp_8,
                                                   ukernel_dp_9, ukernel_dp_10, ukernel_dp_11, ukernel_dp_12};
 
-/* nt: P[q - qb][j] = word q of row n0 + j (bf16 weights), q in [qb, qe) (multiples of 16, qe <= K_pad / 2),
- * rows past N zero. */
-static void panel_rows_pairs(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t qb, int64_t qe,
-                             uint32_t *P) {
+/* Pair steps per int4 32-block */
+#define PAIRS_PER_BLOCK (KT_INT4_BLOCK / 2)
+_Static_assert(PAIRS_PER_BLOCK == 16, "an int4 block is one 16-word step of the pair panels");
+
+/* The high 16 bits of 32 fp32 values v0 (elements 0..15), v1 (16..31) in order: 16 words, word i =
+ * (element 2i, element 2i + 1), the bf16 pairs (exact where the values are bf16). */
+static inline zi pairs_of(zf v0, zf v1) {
+    const zi odd = ZMM(set_epi16)(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23,
+                                  21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return ZMM(permutex2var_epi16)(ZMM(castps_si512)(v0), odd, ZMM(castps_si512)(v1));
+}
+
+/* Words q .. q + 16 of row n (q a multiple of 16): elements 2q .. 2q + 32 as bf16 pairs; int8 its
+ * quants, int4 q - 8 (one 32-block), without the scales. */
+static inline __attribute__((always_inline)) zi row_pairs16(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
+                                                            int64_t n, int64_t q) {
+    const uint8_t *row = row_of(L, mat, n);
+    if (fmt == KT_FORMAT_BF16) return ZMM(loadu_si512)(row + 4 * q);
+    if (fmt == KT_FORMAT_INT8) return pairs_of(cvt_ps(load_i8x16(row + 2 * q)), cvt_ps(load_i8x16(row + 2 * q + 16)));
+    const zf ints = ZMM(setr_ps)(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const zi bytes = load_u8x16(row + (q / PAIRS_PER_BLOCK) * (KT_INT4_BLOCK / 2));
+    return pairs_of(ZMM(permutexvar_ps)(bytes, ints), ZMM(permutexvar_ps)(ZMM(srli_epi32)(bytes, 4), ints));
+}
+
+/* nt: P[q - qb][j] = word q of row n0 + j, q in [qb, qe) (multiples of 16, qe <= K_pad / 2), rows
+ * past N zero; int4 also S[(q - qb) / 16][j] = the scale of row n0 + j's block q / 16 (0 past N). */
+static inline __attribute__((always_inline)) void panel_rows_pairs_fmt(int fmt, const kt_matrix_layout *L,
+                                                                       const uint8_t *mat, int64_t n0, int64_t qb,
+                                                                       int64_t qe, uint32_t *P, float *S) {
     const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
     for (int64_t q = qb; q < qe; q += 16)
         for (int half = 0; half < 2; half++) {
             zf r[16];
             for (int i = 0; i < 16; i++) {
                 const int64_t j = half * 16 + i;
-                r[i] = j < rows ? ZMM(loadu_ps)((const float *)(row_of(L, mat, n0 + j) + 4 * q)) : ZMM(setzero_ps)();
+                r[i] = j < rows ? ZMM(castsi512_ps)(row_pairs16(fmt, L, mat, n0 + j, q)) : ZMM(setzero_ps)();
+                if (fmt == KT_FORMAT_INT4)
+                    S[(q - qb) / PAIRS_PER_BLOCK * NR + j] = j < rows ? int4_scale(L, mat, n0 + j, q / PAIRS_PER_BLOCK) : 0.0f;
             }
             transpose16(r);
             for (int i = 0; i < 16; i++) ZMM(store_ps)((float *)P + (q - qb + i) * NR + half * 16, r[i]);
         }
 }
 
-/* tn: P[q - qb][j] = (W[2q][c0 + j], W[2q + 1][c0 + j]) for q in [qb, qe), j < 32 (zero for j >= width
- * and for rows past N). */
-static void panel_columns_pairs(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width,
-                                int64_t qb, int64_t qe, uint32_t *P) {
+static void panel_rows_pairs(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t qb, int64_t qe,
+                             uint32_t *P, float *S) {
+    switch (L->format) {
+    case KT_FORMAT_BF16: panel_rows_pairs_fmt(KT_FORMAT_BF16, L, mat, n0, qb, qe, P, S); break;
+    case KT_FORMAT_INT8: panel_rows_pairs_fmt(KT_FORMAT_INT8, L, mat, n0, qb, qe, P, S); break;
+    default: panel_rows_pairs_fmt(KT_FORMAT_INT4, L, mat, n0, qb, qe, P, S); break;
+    }
+}
+
+/* tn: P[q - qb][j] = (W'[2q][c0 + j], W'[2q + 1][c0 + j]) for q in [qb, qe), j < 32 (zero for j >= width
+ * and for rows past N); fmt: bf16, or FMT_INT8_RW / FMT_INT4_RW (tn_fmt: rounded to bf16, so the
+ * high halves are the pairs exactly). c0 is a multiple of 32 (tn_avx512). */
+static inline __attribute__((always_inline)) void panel_columns_pairs_fmt(int fmt, const kt_matrix_layout *L,
+                                                                          const uint8_t *mat, int64_t c0, int64_t width,
+                                                                          int64_t qb, int64_t qe, uint32_t *P) {
     const zi lo_idx = ZMM(set_epi16)(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
                                      36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const zi hi_idx = ZMM(add_epi16)(lo_idx, ZMM(set1_epi16)(16));
+    const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
     for (int64_t q = qb; q < qe; q++) {
-        zi r[2];
+        zi r[2], v[2][2];
         for (int t = 0; t < 2; t++) {
             const int64_t n = 2 * q + t;
             if (n >= L->N) {
-                r[t] = ZMM(setzero_si512)();
+                r[t] = v[t][0] = v[t][1] = ZMM(setzero_si512)();
                 continue;
             }
-            const uint8_t *src = row_of(L, mat, n) + 2 * c0;
-            r[t] = join_i(YMM(loadu_si256)((const void *)src),
-                          width > 16 ? YMM(loadu_si256)((const void *)(src + 32)) : YMM(setzero_si256)());
+            if (fmt == KT_FORMAT_BF16) {
+                const uint8_t *src = row_of(L, mat, n) + 2 * c0;
+                r[t] = join_i(YMM(loadu_si256)((const void *)src),
+                              width > 16 ? YMM(loadu_si256)((const void *)(src + 32)) : YMM(setzero_si256)());
+            } else {
+                zf p0, p1 = ZMM(setzero_ps)();
+                if (fmt_int4(fmt)) direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1); /* one block, inside K_pad */
+                else if (width > 16) direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1);
+                else p0 = load16(fmt, L, mat, n, c0);
+                v[t][0] = ZMM(castps_si512)(p0);
+                v[t][1] = width > 16 ? ZMM(castps_si512)(p1) : ZMM(setzero_si512)();
+            }
         }
-        /* word j of out = element j of row 2q (low half) and of row 2q+1 (high half) */
-        ZMM(store_si512)((void *)(P + (q - qb) * NR), ZMM(permutex2var_epi16)(r[0], lo_idx, r[1]));
-        ZMM(store_si512)((void *)(P + (q - qb) * NR + 16), ZMM(permutex2var_epi16)(r[0], hi_idx, r[1]));
+        uint32_t *dst = P + (q - qb) * NR;
+        if (fmt == KT_FORMAT_BF16) {
+            /* word j of out = element j of row 2q (low half) and of row 2q+1 (high half) */
+            ZMM(store_si512)((void *)dst, ZMM(permutex2var_epi16)(r[0], lo_idx, r[1]));
+            ZMM(store_si512)((void *)(dst + 16), ZMM(permutex2var_epi16)(r[0], hi_idx, r[1]));
+        } else { /* rounded values: row 2q's high half down, row 2q+1's kept */
+            for (int h = 0; h < 2; h++)
+                ZMM(store_si512)((void *)(dst + 16 * h),
+                                 ZMM(or_si512)(ZMM(srli_epi32)(v[0][h], 16), ZMM(and_si512)(v[1][h], hi16)));
+        }
+    }
+}
+
+/* fmt: tn_fmt(g) */
+static void panel_columns_pairs(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int64_t width,
+                                int64_t qb, int64_t qe, uint32_t *P) {
+    switch (fmt) {
+    case KT_FORMAT_BF16: panel_columns_pairs_fmt(KT_FORMAT_BF16, L, mat, c0, width, qb, qe, P); break;
+    case FMT_INT8_RW: panel_columns_pairs_fmt(FMT_INT8_RW, L, mat, c0, width, qb, qe, P); break;
+    default: panel_columns_pairs_fmt(FMT_INT4_RW, L, mat, c0, width, qb, qe, P); break;
     }
 }
 
@@ -632,9 +720,15 @@ _Static_assert(KO_BLOCKS * NR >= TASK_WIDTH, "the k-outer form holds a whole tas
 #ifndef KO_NT_MIN_M
 #define KO_NT_MIN_M 96
 #endif
-/* dp: the operand and panels are bf16 pairs (a_pairs, vdpbf16ps); Kc, Cr and the slices count pairs. */
+/* dp: the operand and panels are bf16 pairs (a_pairs, vdpbf16ps); Kc, Cr and the slices count pairs.
+ * With int4 weights in nt, each slice's 32-block scales wait in S (KC / 16 x 32 floats) and every
+ * tile folds its sums block by block; with int8 weights in nt the row scales apply as the outputs
+ * are written. */
 static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t Cr, float *P, float (*cblk)[NR]) {
     const int64_t tiles = (g->M + MR - 1) / MR, nblk = (g->hi - g->lo + NR - 1) / NR;
+    const int fmt = g->L->format;
+    const int fold4 = dp && !tn && fmt == KT_FORMAT_INT4, scale8 = dp && !tn && fmt == KT_FORMAT_INT8;
+    float *S = (float *)(cblk + KO_BLOCKS * MG); /* fold4's block scales */
     const int64_t groups = (tiles + MG / MR - 1) / (MG / MR); /* near-equal: 17 tiles are 9 + 8, not 16 + 1 */
     assert(nblk <= KO_BLOCKS);
     for (int64_t gi = 0; gi < groups; gi++) {
@@ -645,8 +739,8 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
             const int64_t kl = Kc - k0 < KC ? Kc - k0 : KC;
             for (int64_t b = 0; b < nblk; b++) {
                 const int64_t c0 = g->lo + b * NR, width = g->hi - c0 < NR ? g->hi - c0 : NR;
-                if (dp && tn) panel_columns_pairs(g->L, g->w, c0, width, k0, k0 + kl, (uint32_t *)P);
-                else if (dp) panel_rows_pairs(g->L, g->w, c0, k0, k0 + ((kl + 15) & ~(int64_t)15), (uint32_t *)P);
+                if (dp && tn) panel_columns_pairs(tn_fmt(g), g->L, g->w, c0, width, k0, k0 + kl, (uint32_t *)P);
+                else if (dp) panel_rows_pairs(g->L, g->w, c0, k0, k0 + ((kl + 15) & ~(int64_t)15), (uint32_t *)P, S);
                 else if (tn) panel_columns(tn_fmt(g), g->L, g->w, c0, width, k0, k0 + kl, P);
                 else panel_rows_transposed(g->L, g->w, c0, k0, k0 + ((kl + 31) & ~(int64_t)31), P);
                 /* the next slice: the next 32 outputs, else the first of the next KC slice */
@@ -656,9 +750,15 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
                     int64_t m0;
                     tile_of(g->M, t, &m0, &rows);
                     if (nk0 < Kc) prefetch_slice(g, tn, g->lo + nb * NR, nk0 << dp, nkl << dp, t - t0, t1 - t0);
-                    if (dp)
+                    if (fold4) /* one 32-block (16 pair steps) at a time, c += s_b * its sums */
+                        for (int64_t kb = 0; kb < kl; kb += PAIRS_PER_BLOCK)
+                            ukernels_dp[rows](kl - kb < PAIRS_PER_BLOCK ? kl - kb : PAIRS_PER_BLOCK,
+                                              g->a_pairs + m0 * Cr + (k0 + kb) * rows,
+                                              (const uint32_t *)P + kb * NR, cblk + b * MG + (m0 - first),
+                                              k0 + kb > 0, S + kb / PAIRS_PER_BLOCK * NR);
+                    else if (dp)
                         ukernels_dp[rows](kl, g->a_pairs + m0 * Cr + k0 * rows, (const uint32_t *)P,
-                                          cblk + b * MG + (m0 - first), k0 > 0);
+                                          cblk + b * MG + (m0 - first), k0 > 0, NULL);
                     else
                         ukernels_packed[rows](kl, g->a_f32 + m0 * Cr + k0 * rows, P, cblk + b * MG + (m0 - first),
                                               k0 > 0);
@@ -666,8 +766,10 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
             }
         }
         for (int64_t b = 0; b < nblk; b++) {
-            const int64_t c0 = g->lo + b * NR;
-            write_tile(g, first, last - first, cblk + b * MG, c0 - g->lo, g->hi - c0 < NR ? g->hi - c0 : NR);
+            const int64_t c0 = g->lo + b * NR, width = g->hi - c0 < NR ? g->hi - c0 : NR;
+            float cs[NR];
+            for (int64_t j = 0; scale8 && j < width; j++) cs[j] = int8_scale(g->L, g->w, c0 + j);
+            write_tile_scaled(g, first, last - first, cblk + b * MG, c0 - g->lo, width, scale8 ? cs : NULL);
         }
     }
 }
@@ -683,8 +785,6 @@ static inline __attribute__((always_inline)) void pack_tiles(int pairs, const fl
                                                              float *dst) {
     const int64_t Cr = (C + 31) & ~(int64_t)31, n = pairs ? Cr / 2 : Cr, step = pairs ? 32 : 16;
     const int64_t tiles = (M + MR - 1) / MR;
-    const zi odd = ZMM(set_epi16)(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23,
-                                  21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (int64_t t = 0; t < tiles; t++) {
         int64_t m0, R;
         tile_of(M, t, &m0, &R);
@@ -704,9 +804,7 @@ static inline __attribute__((always_inline)) void pack_tiles(int pairs, const fl
                     src = tail;
                 }
                 /* pairs: the high 16 bits of each value (exact: the values are bf16) */
-                r[i] = pairs ? ZMM(castsi512_ps)(ZMM(permutex2var_epi16)(ZMM(castps_si512)(ZMM(loadu_ps)(src)), odd,
-                                                                          ZMM(castps_si512)(ZMM(loadu_ps)(src + 16))))
-                             : ZMM(loadu_ps)(src);
+                r[i] = pairs ? ZMM(castsi512_ps)(pairs_of(ZMM(loadu_ps)(src), ZMM(loadu_ps)(src + 16))) : ZMM(loadu_ps)(src);
             }
             transpose16(r);
             store_tile_columns(d, pairs ? c / 2 : c, R, n, r);
@@ -852,7 +950,7 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
  * padded token rows, at most NT_DOT_MAX_M of them, in the panel's place). */
 static int64_t scratch_floats_avx512(int64_t N, int64_t K_pad) {
     const int64_t m = (N > K_pad ? N : K_pad) + 32, own = NR * m + (MC + MR) * NR + 16;
-    const int64_t kouter = NR * KC + KO_BLOCKS * MG * NR; /* panel slice + C blocks */
+    const int64_t kouter = NR * KC + KO_BLOCKS * MG * NR + KC / PAIRS_PER_BLOCK * NR; /* panel slice + C blocks + S */
     const int64_t q8 = kt_q8_avx2_scratch_floats(N, K_pad); /* the products without VNNI */
     const int64_t fp = own > kouter ? own : kouter;
     return fp > q8 ? fp : q8;
@@ -865,16 +963,16 @@ static void nt_avx512(const kt_gemm *g) {
     const int64_t K = g->L->K, Kr = (K + 31) & ~(int64_t)31;
     float *P = g->scratch;
     float (*cbuf)[NR] = (float (*)[NR])(P + NR * Kr);
+    if (g->a_pairs) { /* bf16 mode, vdpbf16ps: every token count (see tn_avx512) */
+        kouter_packed(g, 0, 1, (K + 1) / 2, Kr / 2, P, (float (*)[NR])(P + NR * KC));
+        return;
+    }
     if (g->M <= NT_DOT_MAX_M && g->L->format == KT_FORMAT_BF16) {
         nt_dot_bf16(g, P);
         return;
     }
     if (g->M <= NT_DOT_MAX_M && g->L->format == KT_FORMAT_INT8) {
         nt_dot_int8(g, P);
-        return;
-    }
-    if (g->a_pairs) { /* bf16 weights, bf16 mode, vdpbf16ps: every token count above the dot form's */
-        kouter_packed(g, 0, 1, (K + 1) / 2, Kr / 2, P, (float (*)[NR])(P + NR * KC));
         return;
     }
     if (g->a_f32 && g->hi - g->lo > NR && g->M >= KO_NT_MIN_M) {
@@ -903,7 +1001,12 @@ static void tn_avx512(const kt_gemm *g) {
     assert(g->lo % 32 == 0); /* tasks split the columns in multiples of 32 (the int4 direct form needs it) */
     float *P = g->scratch;
     float (*cbuf)[NR] = (float (*)[NR])(P + NR * ((N + 31) & ~(int64_t)31));
-    if (g->a_pairs && g->M > TN_DIRECT_MAX_M) {
+    /* vdpbf16ps for every token count: with 1-12 tokens per expert (T = 128, V2-Lite) its panels
+     * repay themselves on Zen 4, where it runs 2x the FMA's rate (in-process per-phase A/B against
+     * the dot / direct FMA forms, bf16 mode, 12 iterations: int8 pack nt 1.10-1.17x, tn 1.13-1.20x;
+     * bf16 pack nt 0.98-1.02x, tn B3 1.28x). */
+    if (g->a_pairs && g->M > 0) {
+        assert(g->L->format == KT_FORMAT_BF16 || g->round_w); /* the pairs hold bf16-exact weights */
         kouter_packed(g, 1, 1, (N + 1) / 2, ((N + 31) & ~(int64_t)31) / 2, P, (float (*)[NR])(P + NR * KC));
         return;
     }
@@ -1365,7 +1468,7 @@ static void axpy_avx512(float alpha, const float *x, float *y, int64_t n) {
     for (; i < n; i++) y[i] += alpha * x[i];
 }
 
-/* vdpbf16ps for the bf16 mode on bf16 weights where kt_bf16_dot() says so; the emulated twin only
+/* vdpbf16ps for the bf16 mode (every format) where kt_bf16_dot() says so; the emulated twin only
  * when KT_SFT_BF16_DOT=dpbf16 (tests), since it has no rate to compare. */
 static int pairs_enabled_avx512(void) {
 #ifdef KT_SIMDE

@@ -187,8 +187,7 @@ static int job_init(moe_job *j, const kt_moe_args *a, int backward) {
     j->prep = op_mode == KT_ACT_BF16 && j->kern->pack_bf16 != NULL;
     j->prep8 = a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT8 && j->kern->pack_q8 != NULL;
     j->prep8_bf16 = !backward && a->act_mode == KT_ACT_INT8 && a->format == KT_FORMAT_INT4 && j->kern->pack_q8 != NULL;
-    j->prep_pairs = op_mode == KT_ACT_BF16 && a->format == KT_FORMAT_BF16 && j->kern->pack_pairs != NULL &&
-                    j->kern->pairs_enabled();
+    j->prep_pairs = op_mode == KT_ACT_BF16 && j->kern->pack_pairs != NULL && j->kern->pairs_enabled();
     j->prep_f32 = !j->prep && !j->prep_pairs && op_mode != KT_ACT_INT8 && j->kern->pack_f32 != NULL;
     /* bytes per operand row: bf16 over round32(C), or int8 over round64(C) */
     const int64_t c64 = ((H > 2 * I ? H : 2 * I) + 63) & ~(int64_t)63;

@@ -268,7 +268,8 @@ DPBF16_VS_FMA_REL_ERR = 1e-3
         (64, 96, 40, 290, 6),    # many experts of ~27 tokens; a few under the dot / direct forms' 13
     ],
 )
-def test_dpbf16_kernels(kernel_path, e, h, inter, t, k, seed, monkeypatch):
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_dpbf16_kernels(kernel_path, fmt, e, h, inter, t, k, seed, monkeypatch):
     """The bf16 mode's vdpbf16ps kernels (KT_SFT_BF16_DOT=dpbf16; chosen automatically only where the
     core runs them faster than the zmm FMA) against the float64 reference and against the FMA kernels."""
     if kernel_path not in _dpbf16_paths():
@@ -280,11 +281,11 @@ def test_dpbf16_kernels(kernel_path, e, h, inter, t, k, seed, monkeypatch):
     for dot in ("fma", "dpbf16"):
         monkeypatch.setenv("KT_SFT_BF16_DOT", dot)
         # a fresh layer each time: a layer's recompute cache would hand back the first forward's y
-        ex = CPUExperts.from_tensors(gate_up, down, format="bf16", compute_mode=ComputeMode.BF16)
+        ex = CPUExperts.from_tensors(gate_up, down, format=fmt, compute_mode=ComputeMode.BF16)
         torch.manual_seed(99)  # the same dy inside run_and_compare
         results[dot] = run_and_compare(ex, x, idx, w, ComputeMode.BF16)
     errs = {name: rel_err(a.double(), b.double()) for name, a, b in zip(("y", "dx", "dw"), results["dpbf16"], results["fma"])}
-    assert max(errs.values()) <= DPBF16_VS_FMA_REL_ERR, f"{kernel_path}: dpbf16 vs fma {errs}"
+    assert max(errs.values()) <= DPBF16_VS_FMA_REL_ERR, f"{kernel_path} {fmt}: dpbf16 vs fma {errs}"
     # y leaves in bf16, which can hide the order difference; the gradients cannot all hide it
     assert max(errs.values()) > 0, f"{kernel_path}: dpbf16 gave the FMA kernels' bits: did it run?"
 

@@ -705,7 +705,7 @@ def _apply_peaks(report: dict) -> None:
     bf16_capable = [v for k, v in peaks.items() if k in ("fma_zmm", "fma_ymm", "dpbf16_zmm", "amx_bf16") and v]
     best_bf16 = max(bf16_capable) if bf16_capable else None
     for entry in report["results"]:
-        instr = runtime.peak_instruction(entry["kernel_path"], entry["mode"], entry.get("format"))
+        instr = runtime.peak_instruction(entry["kernel_path"], entry["mode"])
         entry["peak_instruction"] = instr
         if "gflops_fwd_bwd" in entry and instr and peaks.get(instr):
             entry["frac_of_peak"] = entry["gflops_fwd_bwd"] / peaks[instr]

@@ -129,10 +129,10 @@ def measure_peaks(seconds: float = 0.25) -> dict[str, float | None]:
     return out
 
 
-def peak_instruction(path: str, mode: str, fmt: str | None = None) -> str | None:
+def peak_instruction(path: str, mode: str) -> str | None:
     """The instruction whose peak bounds `path` in compute `mode` (None: scalar code, no SIMD bound);
-    with bf16 packs (`fmt`) the avx512 path's bf16 mode runs on vdpbf16ps where bf16_dot() chose it."""
-    if path == "avx512" and mode == "bf16" and fmt == "bf16" and bf16_dot() == "dpbf16":
+    the avx512 path's bf16 mode runs on vdpbf16ps, every pack format, where bf16_dot() chose it."""
+    if path == "avx512" and mode == "bf16" and bf16_dot() == "dpbf16":
         return "dpbf16_zmm"
     return _BOUND_BY.get((path, mode))
 
