@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kt_sft.engine import _native, runtime
+from kt_sft.engine import _native, buffers, runtime
 from kt_sft.engine._native import ffi, lib
 from kt_sft.engine.formats import COMPUTE_MODE_C_ID, TRAITS, ComputeMode, Format, matrix_bytes
 
@@ -261,7 +261,7 @@ def moe_forward(packed: PackedExperts, x: torch.Tensor, top_k_index: torch.Tenso
     idx, w = _routing_tensors(top_k_index, top_k_weights)
     t, k = idx.shape
     y = torch.empty((t, packed.hidden_dim), dtype=torch.float32)
-    gu = torch.empty((t * k, 2 * packed.intermediate_dim), dtype=torch.float32) if save_for_backward else None
+    gu = buffers.GU_POOL.take((t * k, 2 * packed.intermediate_dim)) if save_for_backward else None
     if t == 0:
         return y, gu
     a = _args(packed, mode, idx, w)
