@@ -941,7 +941,8 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
 
 /* Up to this many tokens per expert the forward uses the dot form for bf16 and int8 weights
  * (measured on one Emerald Rapids core, N=2816, K=2048, 32-row tasks: dot ~80 GFLOP/s flat for
- * M = 4..16; panels 32 at M=4, 58 at 8, 72 at 12, 88 at 16). */
+ * M = 4..16; panels 32 at M=4, 58 at 8, 72 at 12, 88 at 16). Not with vdpbf16ps pairs (a_pairs):
+ * those panels run every token count (nt_avx512, tn_avx512). */
 #ifndef NT_DOT_MAX_M
 #define NT_DOT_MAX_M 12
 #endif
@@ -991,7 +992,8 @@ static void nt_avx512(const kt_gemm *g) {
 
 /* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
  * building a panel: a panel read by a single tile does not repay its stores and reloads (same
- * core, 64-column tasks: direct 25-39 vs panel 20-30 GFLOP/s at M = 4..8, even at 12-16). */
+ * core, 64-column tasks: direct 25-39 vs panel 20-30 GFLOP/s at M = 4..8, even at 12-16). FMA
+ * kernels only: with vdpbf16ps pairs the panels win (below). */
 #ifndef TN_DIRECT_MAX_M
 #define TN_DIRECT_MAX_M MR
 #endif
