@@ -1082,6 +1082,15 @@ static void tn_avx512(const kt_gemm *g) {
 #define KT_HAVE_VNNI() ((kt_cpu_features() & KT_CPU_AVX512VNNI) != 0)
 #endif
 
+/* acc += u8 quads of u . s8 quads of s. As asm outside the emulated build: with the intrinsic, gcc
+ * copied every accumulator of the int4 tile between registers each step (a loop-carried value in
+ * two registers), 24 vector moves beside 12 vpdpbusd. */
+#ifdef KT_SIMDE
+#define DPBUSD(acc, u, s) ((acc) = ZMM(dpbusd_epi32)((acc), (u), (s)))
+#else
+#define DPBUSD(acc, u, s) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s))
+#endif
+
 #define QMR8 12  /* int8 tile height */
 #define QMR4 6   /* int4 tile height */
 #define QNR 32   /* outputs per panel (two zmm of int32 lanes) */
@@ -1265,24 +1274,49 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int4_tile
                                                                                  const float *D, int64_t col,
                                                                                  int64_t width) {
     const int8_t *a[QMR4];
-    zf f[QMR4][2];
-    for (int i = 0; i < R; i++) {
-        a[i] = g->a_rows[m0 + i];
-        f[i][0] = f[i][1] = ZMM(setzero_ps)();
+    for (int i = 0; i < R; i++) a[i] = g->a_rows[m0 + i];
+    /* Named sums and accumulators, as in q8_steps (on arrays gcc copied all 24 between registers
+     * every step). */
+#define KT_Q4_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define KT_Q4_INIT(i)                                                                               \
+    zf f##i##a = ZMM(setzero_ps)(), f##i##b = ZMM(setzero_ps)();                                    \
+    const int8_t *a##i = (i) < R ? a[(i) < R ? (i) : 0] : NULL;
+#define KT_Q4_ZERO(i) zi s##i##a = ZMM(setzero_si512)(), s##i##b = ZMM(setzero_si512)();
+#define KT_Q4_STEP(i)                                                                               \
+    if ((i) < R) {                                                                                  \
+        int32_t v;                                                                                  \
+        memcpy(&v, a##i + 4 * q, 4);                                                                \
+        const zi bq = ZMM(xor_si512)(ZMM(set1_epi32)(v), ZMM(set1_epi32)((int)0x80808080u));        \
+        DPBUSD(s##i##a, bq, p0);                                                                    \
+        DPBUSD(s##i##b, bq, p1);                                                                    \
     }
+#define KT_Q4_FOLD(i)                                                                               \
+    if ((i) < R) {                                                                                  \
+        f##i##a = ZMM(add_ps)(f##i##a, ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(s##i##a, c0)), d0));      \
+        f##i##b = ZMM(add_ps)(f##i##b, ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(s##i##b, c1)), d1));      \
+    }
+#define KT_Q4_STORE(i)                                                                              \
+    if ((i) < R) q8_store_row(g, m0 + (i), col, width, f##i##a, f##i##b);
+    _Static_assert(QMR4 == 6, "KT_Q4_ROWS lists QMR4 rows");
+    KT_Q4_ROWS(KT_Q4_INIT)
     const int64_t nb = g->L->K_pad / KT_INT4_BLOCK, bq = KT_INT4_BLOCK / 4;
-    for (int64_t b = 0; b < nb; b++) {
-        zi acc[QMR4][2];
-        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
-        q8_steps(R, 0, b * bq, (b + 1) * bq, a, P, acc);
+    for (int64_t b = 0; b < nb; b++) { /* per 32-block b: s = its int32 sums, f += (s - corr) * d */
+        KT_Q4_ROWS(KT_Q4_ZERO)
+        for (int64_t q = b * bq; q < (b + 1) * bq; q++) {
+            const zi p0 = ZMM(load_si512)(P + q * QNR), p1 = ZMM(load_si512)(P + q * QNR + 16);
+            KT_Q4_ROWS(KT_Q4_STEP)
+        }
         const zi c0 = ZMM(load_si512)(corr + b * QNR), c1 = ZMM(load_si512)(corr + b * QNR + 16);
         const zf d0 = ZMM(load_ps)(D + b * QNR), d1 = ZMM(load_ps)(D + b * QNR + 16);
-        for (int i = 0; i < R; i++) {
-            f[i][0] = ZMM(add_ps)(f[i][0], ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c0)), d0));
-            f[i][1] = ZMM(add_ps)(f[i][1], ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][1], c1)), d1));
-        }
+        KT_Q4_ROWS(KT_Q4_FOLD)
     }
-    for (int i = 0; i < R; i++) q8_store_row(g, m0 + i, col, width, f[i][0], f[i][1]);
+    KT_Q4_ROWS(KT_Q4_STORE)
+#undef KT_Q4_ROWS
+#undef KT_Q4_INIT
+#undef KT_Q4_ZERO
+#undef KT_Q4_STEP
+#undef KT_Q4_FOLD
+#undef KT_Q4_STORE
 }
 
 #define KT_Q8_TILES(R)                                                                                           \
