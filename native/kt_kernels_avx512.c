@@ -1103,12 +1103,13 @@ static inline void q_tile_of(int64_t M, int64_t mr, int64_t t, int64_t *m0, int6
     *rows = base + (t < extra);
 }
 
-/* acc[i][0..2) (+)= sum_{q in [q0, q1)} bcast(a[i], q) . P[q] (int32 lanes), R <= QMR8 rows; always
+/* acc[i][0..2) (+)= sum_{q in [q0, q1)} P[q] . bcast(a[i], q) (int32 lanes; the int8 weights' biased
+ * panel against the tokens' signed quads), R <= QMR8 rows; always
  * inlined with a constant R, so each tile height gets its own loop. The loop keeps the sums in named
  * registers and writes acc once at the end: on the array itself gcc stored the accumulators to the
  * stack every step (and copied them between registers), which held the int8 compute mode near a
  * third of the vpdpbusd rate (Zen 4, V2-Lite layer forward at T = 2048: 29% of the peak). */
-static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R, int biased, int64_t q0, int64_t q1,
+static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R, int64_t q0, int64_t q1,
                                                                           const int8_t *const *a,
                                                                           const int32_t *P, zi acc[][2]) {
 #define KT_Q8_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
@@ -1120,18 +1121,12 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void q8_steps(int R,
         s##i##b = acc[(i) < R ? (i) : 0][1];                                                        \
     }
 #define KT_Q8_STEP(i)                                                                               \
-    if ((i) < R) {                                                                                  \
+    if ((i) < R) { /* the panel is the unsigned operand, the token's quad the signed one */         \
         int32_t v;                                                                                  \
         memcpy(&v, a##i + 4 * q, 4);                                                                \
-        if (biased) { /* the panel is the unsigned operand, the token's quad the signed one */     \
-            const zi b = ZMM(set1_epi32)(v);                                                        \
-            s##i##a = ZMM(dpbusd_epi32)(s##i##a, p0, b);                                            \
-            s##i##b = ZMM(dpbusd_epi32)(s##i##b, p1, b);                                            \
-        } else {                                                                                    \
-            const zi b = ZMM(xor_si512)(ZMM(set1_epi32)(v), ZMM(set1_epi32)((int)0x80808080u));     \
-            s##i##a = ZMM(dpbusd_epi32)(s##i##a, b, p0);                                            \
-            s##i##b = ZMM(dpbusd_epi32)(s##i##b, b, p1);                                            \
-        }                                                                                           \
+        const zi b = ZMM(set1_epi32)(v);                                                            \
+        s##i##a = ZMM(dpbusd_epi32)(s##i##a, p0, b);                                                \
+        s##i##b = ZMM(dpbusd_epi32)(s##i##b, p1, b);                                                \
     }
 #define KT_Q8_STORE(i)                                                                              \
     if ((i) < R) {                                                                                  \
@@ -1258,7 +1253,7 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void nt_q8_int8_tile
         a[i] = g->a_rows[m0 + i];
         acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
     }
-    q8_steps(R, 1, 0, g->L->K_pad / 4, a, P, acc);
+    q8_steps(R, 0, g->L->K_pad / 4, a, P, acc);
     for (int i = 0; i < R; i++) {
         const zi c = row_corr(a[i], (g->L->K_pad + 63) & ~(int64_t)63);
         const zf v0 = ZMM(mul_ps)(cvt_ps(ZMM(sub_epi32)(acc[i][0], c)), d0);
@@ -1416,7 +1411,7 @@ static inline __attribute__((always_inline)) KT_VNNI_TARGET void tn_q8_tile(int 
         a[i] = g->a_rows[m0 + i];
         acc[i][0] = acc[i][1] = ZMM(setzero_si512)();
     }
-    q8_steps(R, 1, 0, (g->L->N + 3) / 4, a, P, acc);
+    q8_steps(R, 0, (g->L->N + 3) / 4, a, P, acc);
     for (int i = 0; i < R; i++) {
         const zi c = row_corr(a[i], (g->L->N + 63) & ~(int64_t)63);
         q8_store_row(g, m0 + i, col, width, cvt_ps(ZMM(sub_epi32)(acc[i][0], c)), cvt_ps(ZMM(sub_epi32)(acc[i][1], c)));
