@@ -314,13 +314,13 @@ static inline simde__m512bh as_bh(zi v) {
 static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int dp, int64_t Kc, const float *const *a, const float *Ap,
                                                               const float *P, int fmt, const kt_matrix_layout *L,
                                                               const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR],
-                                                              int load, const float *bs) {
+                                                              int load) {
     /* Named accumulators, not an array: the asm operands of FMA_BCAST would pin an array in memory. */
 #define KT_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 #define KT_INIT(i)                                                                                  \
     zf c##i##a = ZMM(setzero_ps)(), c##i##b = ZMM(setzero_ps)();                                    \
     const float *a##i = (i) < R && !packed ? a[(i) < R ? (i) : 0] : NULL;                           \
-    if ((i) < R && load && !bs) {                                                                   \
+    if ((i) < R && load) {                                                                          \
         c##i##a = ZMM(loadu_ps)(c[i]);                                                              \
         c##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
     }
@@ -333,11 +333,7 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         FMA_BCAST(c##i##b, p1, packed ? Ap + k * R + (i) : a##i + k);                               \
     }
 #define KT_STORE(i)                                                                                 \
-    if ((i) < R && bs) {                                                                            \
-        ZMM(storeu_ps)(c[i], ZMM(fmadd_ps)(c##i##a, s0, load ? ZMM(loadu_ps)(c[i]) : ZMM(setzero_ps)())); \
-        ZMM(storeu_ps)(c[i] + 16,                                                                   \
-                       ZMM(fmadd_ps)(c##i##b, s1, load ? ZMM(loadu_ps)(c[i] + 16) : ZMM(setzero_ps)())); \
-    } else if ((i) < R) {                                                                           \
+    if ((i) < R) {                                                                                  \
         ZMM(storeu_ps)(c[i], c##i##a);                                                              \
         ZMM(storeu_ps)(c[i] + 16, c##i##b);                                                         \
     }
@@ -366,7 +362,6 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         }
         KT_ROWS(KT_STEP)
     }
-    const zf s0 = bs ? ZMM(loadu_ps)(bs) : ZMM(setzero_ps)(), s1 = bs ? ZMM(loadu_ps)(bs + 16) : ZMM(setzero_ps)();
     KT_ROWS(KT_STORE)
 #undef KT_ROWS
 #undef KT_INIT
@@ -386,14 +381,14 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_la
 #define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
     static void ukernel_direct_##F##_##R(int64_t N, const float *Ap, const kt_matrix_layout *L,                 \
                                          const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {            \
-        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0, NULL);                                       \
+        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                       \
     }
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
-        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load, NULL);                                    \
+        ukernel_any(R, 0, 0, Kc, a, NULL, P, -1, NULL, NULL, 0, 0, c, load);                                    \
     }                                                                                                           \
     static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
-        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load, NULL);                                   \
+        ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                   \
     }                                                                                                           \
     KT_UKERNEL_DIRECT(R, bf16, KT_FORMAT_BF16)                                                                  \
     KT_UKERNEL_DIRECT(R, int8, KT_FORMAT_INT8)                                                                  \
@@ -552,16 +547,14 @@ static inline void store_tile_columns(float *d, int64_t j0, int64_t R, int64_t n
  *   nt: P[q][j] = (W[n0+j][2q], W[n0+j][2q+1]) as stored (bf16), or the integer quants (int8) / q - 8
  *       (int4), exact in bf16; the scales factor out of the sum: int8's row scale is applied to each
  *       output when it is written (write_tile's column scales), int4's 32-block scales per block of
- *       16 pair steps (the ukernel's block fold: c += s_b * block sum, one FMA per accumulator).
+ *       16 pair steps (ukernel_dp_fold: c += s_b * block sum, one FMA per accumulator, in registers).
  *   tn: P[q][j] = (W'[2q][c0+j], W'[2q+1][c0+j]), two rows' elements interleaved; bf16 as stored,
  *       int8 / int4 the dequantized weights rounded to bf16 (round_w: the backward's definition). */
 
-typedef void (*ukernel_dp_fn)(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load,
-                              const float *bs);
+typedef void (*ukernel_dp_fn)(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load);
 #define KT_UKERNEL_DP(R)                                                                                      \
-    static void ukernel_dp_##R(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load,   \
-                               const float *bs) {                                                             \
-        ukernel_any(R, 1, 1, Kp, NULL, (const float *)Ap, (const float *)P, -1, NULL, NULL, 0, 0, c, load, bs); \
+    static void ukernel_dp_##R(int64_t Kp, const uint32_t *Ap, const uint32_t *P, float (*c)[NR], int load) { \
+        ukernel_any(R, 1, 1, Kp, NULL, (const float *)Ap, (const float *)P, -1, NULL, NULL, 0, 0, c, load); \
     }
 KT_UKERNEL_DP(1) KT_UKERNEL_DP(2) KT_UKERNEL_DP(3) KT_UKERNEL_DP(4) KT_UKERNEL_DP(5) KT_UKERNEL_DP(6)
 KT_UKERNEL_DP(7) KT_UKERNEL_DP(8) KT_UKERNEL_DP(9) KT_UKERNEL_DP(10) KT_UKERNEL_DP(11) KT_UKERNEL_DP(12)
@@ -581,6 +574,73 @@ static inline zi pairs_of(zf v0, zf v1) {
                                   21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     return ZMM(permutex2var_epi16)(ZMM(castps_si512)(v0), odd, ZMM(castps_si512)(v1));
 }
+
+/* int4 weights' 32-block fold in registers: up to 6 rows of a tile (its operand at Ap, stride words
+ * per pair step) over Kp pair steps of the panel P, block scales S (one NR row per 16 steps). Per
+ * block, 12 zmm block sums run from zero over its 16 steps and fold into 12 zmm totals (t +=
+ * s_b * sum, one FMA each), which stay in registers for the whole slice (c loaded first when load,
+ * stored once at the end). The 12-row tile cannot: its 24 block sums and 24 totals need 48
+ * registers, so it stored and reloaded every total per block (24 loads, FMAs and stores per 384
+ * vdpbf16ps: the int4 product ran at 77% of one Zen 4 core's peak against int8's 88%). Same FMAs in
+ * the same order as that form (a total starts at 0 or the loaded c), so the same bits. */
+static inline __attribute__((always_inline)) void ukernel_dp_fold_any(int R, int64_t Kp, const uint32_t *Ap,
+                                                                      int64_t stride, const uint32_t *P,
+                                                                      float (*c)[NR], int load, const float *S) {
+#define KF_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define KF_INIT(i)                                                                                  \
+    zf t##i##a = ZMM(setzero_ps)(), t##i##b = ZMM(setzero_ps)();                                    \
+    if ((i) < R && load) {                                                                          \
+        t##i##a = ZMM(loadu_ps)(c[i]);                                                              \
+        t##i##b = ZMM(loadu_ps)(c[i] + 16);                                                         \
+    }
+#define KF_ZERO(i) zf s##i##a = ZMM(setzero_ps)(), s##i##b = ZMM(setzero_ps)();
+#define KF_STEP(i)                                                                                  \
+    if ((i) < R) {                                                                                  \
+        DP_BCAST(s##i##a, p0, Ap + k * stride + (i));                                               \
+        DP_BCAST(s##i##b, p1, Ap + k * stride + (i));                                               \
+    }
+#define KF_FOLD(i)                                                                                  \
+    if ((i) < R) {                                                                                  \
+        t##i##a = ZMM(fmadd_ps)(s##i##a, b0, t##i##a);                                              \
+        t##i##b = ZMM(fmadd_ps)(s##i##b, b1, t##i##b);                                              \
+    }
+#define KF_STORE(i)                                                                                 \
+    if ((i) < R) {                                                                                  \
+        ZMM(storeu_ps)(c[i], t##i##a);                                                              \
+        ZMM(storeu_ps)(c[i] + 16, t##i##b);                                                         \
+    }
+    KF_ROWS(KF_INIT)
+    for (int64_t kb = 0; kb < Kp; kb += PAIRS_PER_BLOCK) {
+        const int64_t ke = Kp - kb < PAIRS_PER_BLOCK ? Kp : kb + PAIRS_PER_BLOCK;
+        KF_ROWS(KF_ZERO)
+        for (int64_t k = kb; k < ke; k++) {
+            const zf p0 = ZMM(load_ps)((const float *)P + k * NR), p1 = ZMM(load_ps)((const float *)P + k * NR + 16);
+            KF_ROWS(KF_STEP)
+        }
+        const zf b0 = ZMM(loadu_ps)(S + kb / PAIRS_PER_BLOCK * NR), b1 = ZMM(loadu_ps)(S + kb / PAIRS_PER_BLOCK * NR + 16);
+        KF_ROWS(KF_FOLD)
+    }
+    KF_ROWS(KF_STORE)
+#undef KF_ROWS
+#undef KF_INIT
+#undef KF_ZERO
+#undef KF_STEP
+#undef KF_FOLD
+#undef KF_STORE
+}
+#define FOLD_MR 6
+typedef void (*ukernel_fold_fn)(int64_t Kp, const uint32_t *Ap, int64_t stride, const uint32_t *P, float (*c)[NR],
+                                int load, const float *S);
+#define KT_UKERNEL_FOLD(R)                                                                                    \
+    static void ukernel_dp_fold_##R(int64_t Kp, const uint32_t *Ap, int64_t stride, const uint32_t *P,         \
+                                    float (*c)[NR], int load, const float *S) {                               \
+        ukernel_dp_fold_any(R, Kp, Ap, stride, P, c, load, S);                                                \
+    }
+KT_UKERNEL_FOLD(1) KT_UKERNEL_FOLD(2) KT_UKERNEL_FOLD(3) KT_UKERNEL_FOLD(4) KT_UKERNEL_FOLD(5) KT_UKERNEL_FOLD(6)
+#undef KT_UKERNEL_FOLD
+static const ukernel_fold_fn ukernels_dp_fold[FOLD_MR + 1] = {NULL, ukernel_dp_fold_1, ukernel_dp_fold_2,
+                                                              ukernel_dp_fold_3, ukernel_dp_fold_4,
+                                                              ukernel_dp_fold_5, ukernel_dp_fold_6};
 
 /* Words q .. q + 16 of row n (q a multiple of 16): elements 2q .. 2q + 32 as bf16 pairs; int8 its
  * quants, int4 q - 8 (one 32-block), without the scales. */
@@ -750,15 +810,14 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
                     int64_t m0;
                     tile_of(g->M, t, &m0, &rows);
                     if (nk0 < Kc) prefetch_slice(g, tn, g->lo + nb * NR, nk0 << dp, nkl << dp, t - t0, t1 - t0);
-                    if (fold4) /* one 32-block (16 pair steps) at a time, c += s_b * its sums */
-                        for (int64_t kb = 0; kb < kl; kb += PAIRS_PER_BLOCK)
-                            ukernels_dp[rows](kl - kb < PAIRS_PER_BLOCK ? kl - kb : PAIRS_PER_BLOCK,
-                                              g->a_pairs + m0 * Cr + (k0 + kb) * rows,
-                                              (const uint32_t *)P + kb * NR, cblk + b * MG + (m0 - first),
-                                              k0 + kb > 0, S + kb / PAIRS_PER_BLOCK * NR);
+                    if (fold4) /* the 32-blocks folded in registers, FOLD_MR rows of the tile at a time */
+                        for (int64_t i0 = 0; i0 < rows; i0 += FOLD_MR)
+                            ukernels_dp_fold[rows - i0 < FOLD_MR ? rows - i0 : FOLD_MR](
+                                kl, g->a_pairs + m0 * Cr + k0 * rows + i0, rows, (const uint32_t *)P,
+                                cblk + b * MG + (m0 - first) + i0, k0 > 0, S);
                     else if (dp)
                         ukernels_dp[rows](kl, g->a_pairs + m0 * Cr + k0 * rows, (const uint32_t *)P,
-                                          cblk + b * MG + (m0 - first), k0 > 0, NULL);
+                                          cblk + b * MG + (m0 - first), k0 > 0);
                     else
                         ukernels_packed[rows](kl, g->a_f32 + m0 * Cr + k0 * rows, P, cblk + b * MG + (m0 - first),
                                               k0 > 0);

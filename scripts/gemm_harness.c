@@ -98,7 +98,7 @@ static double run_kernel(const kernel_data *d, double seconds) {
             }
             for (int t = 0; t < tiles; t++) {
                 if (d->kind == KIND_FMA) ukernels_packed[MR](KC, d->A + (size_t)t * MR * KC, d->P, d->c + t * MR, 1);
-                else ukernels_dp[MR](KC, d->Ap + (size_t)t * MR * KC, d->P, d->c + t * MR, 1, NULL);
+                else ukernels_dp[MR](KC, d->Ap + (size_t)t * MR * KC, d->P, d->c + t * MR, 1);
             }
         }
         /* a dp step is a pair of the contraction; q8 runs the job's full tiles over the whole K = 2048 */
