@@ -197,6 +197,46 @@ static inline __attribute__((always_inline)) void direct_pair(int fmt, const kt_
     }
 }
 
+/* tn's weights as bf16 pairs of rows: word j of *p0 = (W'[2q][c0 + j], W'[2q + 1][c0 + j]), j < 16, of
+ * *p1 the same for columns c0 + 16 + j (zero for j >= width and for rows past N); fmt: bf16, or
+ * FMT_INT8_RW / FMT_INT4_RW (tn_fmt: rounded to bf16, so the high halves are the pairs exactly). c0 is
+ * a multiple of 32 (tn_avx512). The panels' builder (panel_columns_pairs) and the direct form's step. */
+static inline __attribute__((always_inline)) void column_pairs(int fmt, const kt_matrix_layout *L, const uint8_t *mat,
+                                                               int64_t c0, int64_t width, int64_t q, zf *p0, zf *p1) {
+    const zi lo_idx = ZMM(set_epi16)(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
+                                     36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const zi hi_idx = ZMM(add_epi16)(lo_idx, ZMM(set1_epi16)(16));
+    const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
+    zi r[2], v[2][2];
+    for (int t = 0; t < 2; t++) {
+        const int64_t n = 2 * q + t;
+        if (n >= L->N) {
+            r[t] = v[t][0] = v[t][1] = ZMM(setzero_si512)();
+            continue;
+        }
+        if (fmt == KT_FORMAT_BF16) {
+            const uint8_t *src = row_of(L, mat, n) + 2 * c0;
+            r[t] = join_i(YMM(loadu_si256)((const void *)src),
+                          width > 16 ? YMM(loadu_si256)((const void *)(src + 32)) : YMM(setzero_si256)());
+        } else {
+            zf w0, w1 = ZMM(setzero_ps)();
+            if (fmt_int4(fmt)) direct_pair(fmt, L, mat, n, c0, c0 + 16, &w0, &w1); /* one block, inside K_pad */
+            else if (width > 16) direct_pair(fmt, L, mat, n, c0, c0 + 16, &w0, &w1);
+            else w0 = load16(fmt, L, mat, n, c0);
+            v[t][0] = ZMM(castps_si512)(w0);
+            v[t][1] = width > 16 ? ZMM(castps_si512)(w1) : ZMM(setzero_si512)();
+        }
+    }
+    if (fmt == KT_FORMAT_BF16) {
+        /* word j of out = element j of row 2q (low half) and of row 2q+1 (high half) */
+        *p0 = ZMM(castsi512_ps)(ZMM(permutex2var_epi16)(r[0], lo_idx, r[1]));
+        *p1 = ZMM(castsi512_ps)(ZMM(permutex2var_epi16)(r[0], hi_idx, r[1]));
+    } else { /* rounded values: row 2q's high half down, row 2q+1's kept */
+        *p0 = ZMM(castsi512_ps)(ZMM(or_si512)(ZMM(srli_epi32)(v[0][0], 16), ZMM(and_si512)(v[1][0], hi16)));
+        *p1 = ZMM(castsi512_ps)(ZMM(or_si512)(ZMM(srli_epi32)(v[0][1], 16), ZMM(and_si512)(v[1][1], hi16)));
+    }
+}
+
 #include "kt_transpose16.h" /* transpose16(zf r[16]) */
 
 /* P[k - kb][j] = W[n0 + j][k] for k in [kb, ke) (multiples of 32, ke <= K rounded up to 32), j < 32;
@@ -307,10 +347,14 @@ static inline simde__m512bh as_bh(zi v) {
 #define DP_BCAST(acc, p, ptr) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(const uint32_t *)(ptr)))
 #endif
 
+#ifndef TN_DP_AHEAD
+#define TN_DP_AHEAD 16
+#endif
 /* c[R][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load), R <= MR rows.
  * Step k's two panel vectors come from the panel P (fmt < 0), or straight from row k of the packed
  * matrix of format fmt at columns c0 and c1 (dequantized in registers: the transposed product with few
- * tokens). Always inlined with constant R and fmt, so each instance gets its own loop. */
+ * tokens; with dp, step k is rows 2k and 2k + 1 as bf16 pairs, column_pairs). Always inlined with
+ * constant R and fmt, so each instance gets its own loop. */
 static inline __attribute__((always_inline)) void ukernel_any(int R, int packed, int dp, int64_t Kc, const float *const *a, const float *Ap,
                                                               const float *P, int fmt, const kt_matrix_layout *L,
                                                               const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR],
@@ -351,11 +395,21 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
          * 29 / 32 -> 27 / 30, bf16 25 / 30 -> 24 / 28 with the vpermw conversion). int4: c0, c1 in one 32-block
          * (tn_avx512's c0 is a multiple of 32). */
         zf p0, p1;
-        direct_pair(fmt, L, w, 0, c0, c1, &p0, &p1);
+        /* dp: step k is the pair of rows 2k, 2k + 1 (column_pairs; c1 > c0 where 32 columns are wanted) */
+#define KT_NEXT(k, x0, x1) \
+    (dp ? column_pairs(fmt, L, w, c0, c1 > c0 ? 32 : 16, (k), (x0), (x1)) : direct_pair(fmt, L, w, (k), c0, c1, (x0), (x1)))
+        /* dp: the rows TN_DP_AHEAD steps on are asked into L1 (rows a page or more apart: the hardware
+         * prefetchers do not follow them, and with few tokens each step waits on two misses) */
+        const int64_t cb = fmt == KT_FORMAT_BF16 ? 2 * c0 : fmt_int4(fmt) ? c0 / 2 : c0;
+        KT_NEXT(0, &p0, &p1);
         int64_t k = 0;
         for (; k + 1 < Kc; k++) {
             zf n0, n1;
-            direct_pair(fmt, L, w, k + 1, c0, c1, &n0, &n1);
+            if (dp && 2 * (k + TN_DP_AHEAD) + 1 < L->N) {
+                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD)) + cb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD) + 1) + cb), _MM_HINT_T0);
+            }
+            KT_NEXT(k + 1, &n0, &n1);
             KT_ROWS(KT_STEP)
             p0 = n0;
             p1 = n1;
@@ -367,6 +421,7 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
 #undef KT_INIT
 #undef KT_STEP
 #undef KT_STORE
+#undef KT_NEXT
 }
 
 typedef void (*ukernel_fn)(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load);
@@ -399,6 +454,21 @@ KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UK
 KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
 #undef KT_UKERNELS
 #undef KT_UKERNEL_DIRECT
+/* The same direct form on vdpbf16ps pairs (tn with a_pairs, few tokens): Ap is the tile's pairs, Np
+ * the pair steps ((N + 1) / 2); fmt bf16, FMT_INT8_RW or FMT_INT4_RW. */
+#define KT_UKERNEL_DIRECT_DP(R, F, FMT)                                                                         \
+    static void ukernel_direct_dp_##F##_##R(int64_t Np, const float *Ap, const kt_matrix_layout *L,             \
+                                            const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {         \
+        ukernel_any(R, 1, 1, Np, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                      \
+    }
+#define KT_UKERNELS_DP(R)                                                                                       \
+    KT_UKERNEL_DIRECT_DP(R, bf16, KT_FORMAT_BF16)                                                               \
+    KT_UKERNEL_DIRECT_DP(R, int8rw, FMT_INT8_RW)                                                                \
+    KT_UKERNEL_DIRECT_DP(R, int4rw, FMT_INT4_RW)
+KT_UKERNELS_DP(1) KT_UKERNELS_DP(2) KT_UKERNELS_DP(3) KT_UKERNELS_DP(4) KT_UKERNELS_DP(5) KT_UKERNELS_DP(6)
+KT_UKERNELS_DP(7) KT_UKERNELS_DP(8) KT_UKERNELS_DP(9) KT_UKERNELS_DP(10) KT_UKERNELS_DP(11) KT_UKERNELS_DP(12)
+#undef KT_UKERNELS_DP
+#undef KT_UKERNEL_DIRECT_DP
 
 _Static_assert(MR == 12, "the tables below list one kernel per tile height 1..MR");
 static const ukernel_fn ukernels[MR + 1] = {NULL, ukernel_1, ukernel_2, ukernel_3, ukernel_4, ukernel_5,
@@ -415,6 +485,9 @@ static const ukernel_direct_fn ukernels_direct[FMT_COUNT][MR + 1] = {
     [KT_FORMAT_BF16] = KT_DIRECT_TABLE(bf16), [KT_FORMAT_INT8] = KT_DIRECT_TABLE(int8),
     [KT_FORMAT_INT4] = KT_DIRECT_TABLE(int4), [FMT_INT8_RW] = KT_DIRECT_TABLE(int8rw),
     [FMT_INT4_RW] = KT_DIRECT_TABLE(int4rw)};
+static const ukernel_direct_fn ukernels_direct_dp[FMT_COUNT][MR + 1] = {
+    [KT_FORMAT_BF16] = KT_DIRECT_TABLE(dp_bf16), [FMT_INT8_RW] = KT_DIRECT_TABLE(dp_int8rw),
+    [FMT_INT4_RW] = KT_DIRECT_TABLE(dp_int4rw)};
 #undef KT_DIRECT_TABLE
 
 /* Tile t of M rows split into ceil(M / MR) tiles of near-equal height (no tile of 1-3 rows when it
@@ -683,47 +756,15 @@ static void panel_rows_pairs(const kt_matrix_layout *L, const uint8_t *mat, int6
     }
 }
 
-/* tn: P[q - qb][j] = (W'[2q][c0 + j], W'[2q + 1][c0 + j]) for q in [qb, qe), j < 32 (zero for j >= width
- * and for rows past N); fmt: bf16, or FMT_INT8_RW / FMT_INT4_RW (tn_fmt: rounded to bf16, so the
- * high halves are the pairs exactly). c0 is a multiple of 32 (tn_avx512). */
+/* tn: P[q - qb][j] = (W'[2q][c0 + j], W'[2q + 1][c0 + j]) for q in [qb, qe), j < 32 (column_pairs). */
 static inline __attribute__((always_inline)) void panel_columns_pairs_fmt(int fmt, const kt_matrix_layout *L,
                                                                           const uint8_t *mat, int64_t c0, int64_t width,
                                                                           int64_t qb, int64_t qe, uint32_t *P) {
-    const zi lo_idx = ZMM(set_epi16)(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5,
-                                     36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-    const zi hi_idx = ZMM(add_epi16)(lo_idx, ZMM(set1_epi16)(16));
-    const zi hi16 = ZMM(set1_epi32)((int)0xffff0000u);
     for (int64_t q = qb; q < qe; q++) {
-        zi r[2], v[2][2];
-        for (int t = 0; t < 2; t++) {
-            const int64_t n = 2 * q + t;
-            if (n >= L->N) {
-                r[t] = v[t][0] = v[t][1] = ZMM(setzero_si512)();
-                continue;
-            }
-            if (fmt == KT_FORMAT_BF16) {
-                const uint8_t *src = row_of(L, mat, n) + 2 * c0;
-                r[t] = join_i(YMM(loadu_si256)((const void *)src),
-                              width > 16 ? YMM(loadu_si256)((const void *)(src + 32)) : YMM(setzero_si256)());
-            } else {
-                zf p0, p1 = ZMM(setzero_ps)();
-                if (fmt_int4(fmt)) direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1); /* one block, inside K_pad */
-                else if (width > 16) direct_pair(fmt, L, mat, n, c0, c0 + 16, &p0, &p1);
-                else p0 = load16(fmt, L, mat, n, c0);
-                v[t][0] = ZMM(castps_si512)(p0);
-                v[t][1] = width > 16 ? ZMM(castps_si512)(p1) : ZMM(setzero_si512)();
-            }
-        }
-        uint32_t *dst = P + (q - qb) * NR;
-        if (fmt == KT_FORMAT_BF16) {
-            /* word j of out = element j of row 2q (low half) and of row 2q+1 (high half) */
-            ZMM(store_si512)((void *)dst, ZMM(permutex2var_epi16)(r[0], lo_idx, r[1]));
-            ZMM(store_si512)((void *)(dst + 16), ZMM(permutex2var_epi16)(r[0], hi_idx, r[1]));
-        } else { /* rounded values: row 2q's high half down, row 2q+1's kept */
-            for (int h = 0; h < 2; h++)
-                ZMM(store_si512)((void *)(dst + 16 * h),
-                                 ZMM(or_si512)(ZMM(srli_epi32)(v[0][h], 16), ZMM(and_si512)(v[1][h], hi16)));
-        }
+        zf p0, p1;
+        column_pairs(fmt, L, mat, c0, width, q, &p0, &p1);
+        ZMM(store_ps)((float *)P + (q - qb) * NR, p0);
+        ZMM(store_ps)((float *)P + (q - qb) * NR + 16, p1);
     }
 }
 
@@ -1056,6 +1097,12 @@ static void nt_avx512(const kt_gemm *g) {
 #ifndef TN_DIRECT_MAX_M
 #define TN_DIRECT_MAX_M MR
 #endif
+/* With vdpbf16ps pairs, up to this many tokens the transposed product makes the pairs of two weight
+ * rows in registers (column_pairs) for each tile instead of building panels (same sums in the same
+ * order: the same bits). */
+#ifndef TN_DP_DIRECT_MAX_M
+#define TN_DP_DIRECT_MAX_M 24
+#endif
 
 static void tn_avx512(const kt_gemm *g) {
     const int64_t N = g->L->N;
@@ -1066,6 +1113,21 @@ static void tn_avx512(const kt_gemm *g) {
      * repay themselves on Zen 4, where it runs 2x the FMA's rate (in-process per-phase A/B against
      * the dot / direct FMA forms, bf16 mode, 12 iterations: int8 pack nt 1.10-1.17x, tn 1.13-1.20x;
      * bf16 pack nt 0.98-1.02x, tn B3 1.28x). */
+    if (g->a_pairs && g->M > 0 && g->M <= TN_DP_DIRECT_MAX_M) {
+        assert(g->L->format == KT_FORMAT_BF16 || g->round_w); /* the pairs hold bf16-exact weights */
+        const int64_t Cr = ((N + 31) & ~(int64_t)31) / 2, tiles = (g->M + MR - 1) / MR;
+        for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
+            const int64_t width = g->hi - c0 < NR ? g->hi - c0 : NR;
+            for (int64_t t = 0; t < tiles; t++) {
+                int64_t m0, rows;
+                tile_of(g->M, t, &m0, &rows);
+                ukernels_direct_dp[tn_fmt(g)][rows]((N + 1) / 2, (const float *)(g->a_pairs + m0 * Cr), g->L, g->w,
+                                                    c0, width > 16 ? c0 + 16 : c0, cbuf);
+                write_tile(g, m0, rows, cbuf, c0 - g->lo, width);
+            }
+        }
+        return;
+    }
     if (g->a_pairs && g->M > 0) {
         assert(g->L->format == KT_FORMAT_BF16 || g->round_w); /* the pairs hold bf16-exact weights */
         kouter_packed(g, 1, 1, (N + 1) / 2, ((N + 31) & ~(int64_t)31) / 2, P, (float (*)[NR])(P + NR * KC));
