@@ -432,11 +432,12 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_la
 /* The direct forms read the prepared operand (one tile: element (n, i) at Ap[n * R + i]), so a step's
  * broadcasts come from one pointer at constant offsets: with R separate row pointers the 12-row loop
  * ran out of general registers and spilled (llvm-mca, sapphirerapids, int4 rounded: 36 -> 28 cycles per step;
- * docs/engine.md). */
-#define KT_UKERNEL_DIRECT(R, F, FMT)                                                                            \
+ * docs/engine.md). DP: the vdpbf16ps form (tn with a_pairs and few tokens: Ap the tile's pairs, N
+ * the pair steps (N + 1) / 2, fmt bf16 / FMT_INT8_RW / FMT_INT4_RW). */
+#define KT_UKERNEL_DIRECT(R, F, FMT, DP)                                                                        \
     static void ukernel_direct_##F##_##R(int64_t N, const float *Ap, const kt_matrix_layout *L,                 \
                                          const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {            \
-        ukernel_any(R, 1, 0, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                       \
+        ukernel_any(R, 1, DP, N, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                   \
     }
 #define KT_UKERNELS(R)                                                                                          \
     static void ukernel_##R(int64_t Kc, const float *const *a, const float *P, float (*c)[NR], int load) {      \
@@ -445,30 +446,18 @@ typedef void (*ukernel_direct_fn)(int64_t N, const float *Ap, const kt_matrix_la
     static void ukernel_packed_##R(int64_t Kc, const float *Ap, const float *P, float (*c)[NR], int load) {     \
         ukernel_any(R, 1, 0, Kc, NULL, Ap, P, -1, NULL, NULL, 0, 0, c, load);                                   \
     }                                                                                                           \
-    KT_UKERNEL_DIRECT(R, bf16, KT_FORMAT_BF16)                                                                  \
-    KT_UKERNEL_DIRECT(R, int8, KT_FORMAT_INT8)                                                                  \
-    KT_UKERNEL_DIRECT(R, int4, KT_FORMAT_INT4)                                                                  \
-    KT_UKERNEL_DIRECT(R, int8rw, FMT_INT8_RW)                                                                   \
-    KT_UKERNEL_DIRECT(R, int4rw, FMT_INT4_RW)
+    KT_UKERNEL_DIRECT(R, bf16, KT_FORMAT_BF16, 0)                                                                  \
+    KT_UKERNEL_DIRECT(R, int8, KT_FORMAT_INT8, 0)                                                                  \
+    KT_UKERNEL_DIRECT(R, int4, KT_FORMAT_INT4, 0)                                                                  \
+    KT_UKERNEL_DIRECT(R, int8rw, FMT_INT8_RW, 0)                                                                   \
+    KT_UKERNEL_DIRECT(R, int4rw, FMT_INT4_RW, 0)                                                                   \
+    KT_UKERNEL_DIRECT(R, dp_bf16, KT_FORMAT_BF16, 1)                                                               \
+    KT_UKERNEL_DIRECT(R, dp_int8rw, FMT_INT8_RW, 1)                                                                \
+    KT_UKERNEL_DIRECT(R, dp_int4rw, FMT_INT4_RW, 1)
 KT_UKERNELS(1) KT_UKERNELS(2) KT_UKERNELS(3) KT_UKERNELS(4) KT_UKERNELS(5) KT_UKERNELS(6)
 KT_UKERNELS(7) KT_UKERNELS(8) KT_UKERNELS(9) KT_UKERNELS(10) KT_UKERNELS(11) KT_UKERNELS(12)
 #undef KT_UKERNELS
 #undef KT_UKERNEL_DIRECT
-/* The same direct form on vdpbf16ps pairs (tn with a_pairs, few tokens): Ap is the tile's pairs, Np
- * the pair steps ((N + 1) / 2); fmt bf16, FMT_INT8_RW or FMT_INT4_RW. */
-#define KT_UKERNEL_DIRECT_DP(R, F, FMT)                                                                         \
-    static void ukernel_direct_dp_##F##_##R(int64_t Np, const float *Ap, const kt_matrix_layout *L,             \
-                                            const uint8_t *w, int64_t c0, int64_t c1, float (*c)[NR]) {         \
-        ukernel_any(R, 1, 1, Np, NULL, Ap, NULL, FMT, L, w, c0, c1, c, 0);                                      \
-    }
-#define KT_UKERNELS_DP(R)                                                                                       \
-    KT_UKERNEL_DIRECT_DP(R, bf16, KT_FORMAT_BF16)                                                               \
-    KT_UKERNEL_DIRECT_DP(R, int8rw, FMT_INT8_RW)                                                                \
-    KT_UKERNEL_DIRECT_DP(R, int4rw, FMT_INT4_RW)
-KT_UKERNELS_DP(1) KT_UKERNELS_DP(2) KT_UKERNELS_DP(3) KT_UKERNELS_DP(4) KT_UKERNELS_DP(5) KT_UKERNELS_DP(6)
-KT_UKERNELS_DP(7) KT_UKERNELS_DP(8) KT_UKERNELS_DP(9) KT_UKERNELS_DP(10) KT_UKERNELS_DP(11) KT_UKERNELS_DP(12)
-#undef KT_UKERNELS_DP
-#undef KT_UKERNEL_DIRECT_DP
 
 _Static_assert(MR == 12, "the tables below list one kernel per tile height 1..MR");
 static const ukernel_fn ukernels[MR + 1] = {NULL, ukernel_1, ukernel_2, ukernel_3, ukernel_4, ukernel_5,
