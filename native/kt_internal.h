@@ -165,6 +165,12 @@ typedef struct {
  *                  (AMX's B-operand layout). */
 #define KT_PACK_TILES 0
 #define KT_PACK_VNNI 1
+/* pack_pairs layouts (one 32-bit word per pair of columns, C32 / 2 words per row):
+ *   KT_PAIRS_TILES: the table's own tiles.
+ *   KT_PAIRS_LANES: blocks of 16 rows (block b = m / 16 at b * 16 * C32 / 2), word (q, i = m % 16) at
+ *                   q * 16 + i: a vector holds pair q of 16 rows (the nt product of a bf16 pack). */
+#define KT_PAIRS_TILES 0
+#define KT_PAIRS_LANES 1
 /* pack_q8 only: int8 rows as bf16 values (exact) in the KT_PACK_VNNI bf16 layout: the int8 mode's
  * forward operand for int4 weights, whose 32-blocks are one bf16 tile step each. */
 #define KT_PACK_VNNI_BF16 2
@@ -202,9 +208,10 @@ typedef struct {
      * fp32 layout for nt / tn (kt_gemm.a_f32), at most M x round32(C) floats at dst, none past them. */
     void (*pack_f32)(const float *const *rows, int64_t M, int64_t C, float *dst);
     /* Optional: the bf16 mode's rows (bf16-exact fp32 values) as bf16 pairs for the vdpbf16ps products
-     * on any format (kt_gemm.a_pairs), at most M x round32(C) / 2 words at dst; used when pairs_enabled()
-     * says so (checked once per layer call). */
-    void (*pack_pairs)(const float *const *rows, int64_t M, int64_t C, uint32_t *dst);
+     * on any format (kt_gemm.a_pairs), at most round16(M) x round32(C) / 2 words at dst, in layout
+     * KT_PAIRS_LANES for nt on a bf16 pack, else KT_PAIRS_TILES; used when pairs_enabled() says so
+     * (checked once per layer call). */
+    void (*pack_pairs)(const float *const *rows, int64_t M, int64_t C, int layout, uint32_t *dst);
     int (*pairs_enabled)(void);
     /* Optional elementwise SwiGLU (NULL: the scalar loops in kt_moe.c), round_bf16 = the bf16 mode:
      *   swiglu:     h[i] = r(silu(g[i]) * u[i])

@@ -347,6 +347,15 @@ static inline simde__m512bh as_bh(zi v) {
 #define DP_BCAST(acc, p, ptr) __asm__("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(p), "m"(*(const uint32_t *)(ptr)))
 #endif
 
+/* An empty use of three vectors: where a vector's last use was a vdpbf16ps asm, gcc 14 gave that
+ * instruction's accumulator the dying vector's register and copied it there and back every step (4
+ * copies per step of nt_lanes' tile, loop_check). */
+#ifdef KT_SIMDE
+#define KEEP3(a, b, c) ((void)(a), (void)(b), (void)(c))
+#else
+#define KEEP3(a, b, c) __asm__("" : : "v"(a), "v"(b), "v"(c))
+#endif
+
 #ifndef TN_DP_AHEAD
 #define TN_DP_AHEAD 16
 #endif
@@ -867,16 +876,19 @@ static void kouter_packed(const kt_gemm *g, int tn, int dp, int64_t Kc, int64_t 
  * Cr = C rounded up to 32 columns, zero past C,
  *   fp32 (pack_f32_avx512, panel_times_packed / the k-outer form): element (k, i) at dst[m0 * Cr + k * R + i];
  *   pairs (pack_pairs_avx512, vdpbf16ps; the rows hold bf16-exact values): word (q, i) = (bf16 of
- *   rows[m0+i][2q], of rows[m0+i][2q+1]) at dst[m0 * Cr / 2 + q * R + i].
+ *   rows[m0+i][2q], of rows[m0+i][2q+1]) at dst[m0 * Cr / 2 + q * R + i] (KT_PAIRS_TILES), or in
+ *   blocks of 16 rows, m0 = 16 b and the stride 16 whatever R, rows past M zero (KT_PAIRS_LANES,
+ *   nt_lanes).
  * 16 words at a time: R rows loaded (zero-padded past C), transposed in registers, and the first R
  * lanes of each column stored (store_tile_columns). */
-static inline __attribute__((always_inline)) void pack_tiles(int pairs, const float *const *rows, int64_t M, int64_t C,
-                                                             float *dst) {
+static inline __attribute__((always_inline)) void pack_tiles(int pairs, int lanes, const float *const *rows, int64_t M,
+                                                             int64_t C, float *dst) {
     const int64_t Cr = (C + 31) & ~(int64_t)31, n = pairs ? Cr / 2 : Cr, step = pairs ? 32 : 16;
-    const int64_t tiles = (M + MR - 1) / MR;
+    const int64_t tiles = lanes ? (M + 15) / 16 : (M + MR - 1) / MR;
     for (int64_t t = 0; t < tiles; t++) {
         int64_t m0, R;
-        tile_of(M, t, &m0, &R);
+        if (lanes) m0 = 16 * t, R = M - m0 < 16 ? M - m0 : 16;
+        else tile_of(M, t, &m0, &R);
         float *d = dst + m0 * n;
         for (int64_t c = 0; c < Cr; c += step) {
             zf r[16];
@@ -896,17 +908,18 @@ static inline __attribute__((always_inline)) void pack_tiles(int pairs, const fl
                 r[i] = pairs ? ZMM(castsi512_ps)(pairs_of(ZMM(loadu_ps)(src), ZMM(loadu_ps)(src + 16))) : ZMM(loadu_ps)(src);
             }
             transpose16(r);
-            store_tile_columns(d, pairs ? c / 2 : c, R, n, r);
+            store_tile_columns(d, pairs ? c / 2 : c, lanes ? 16 : R, n, r);
         }
     }
 }
 
 static void pack_f32_avx512(const float *const *rows, int64_t M, int64_t C, float *dst) {
-    pack_tiles(0, rows, M, C, dst);
+    pack_tiles(0, 0, rows, M, C, dst);
 }
 
-static void pack_pairs_avx512(const float *const *rows, int64_t M, int64_t C, uint32_t *dst) {
-    pack_tiles(1, rows, M, C, (float *)dst);
+static void pack_pairs_avx512(const float *const *rows, int64_t M, int64_t C, int layout, uint32_t *dst) {
+    if (layout == KT_PAIRS_LANES) pack_tiles(1, 1, rows, M, C, (float *)dst);
+    else pack_tiles(1, 0, rows, M, C, (float *)dst);
 }
 
 /* ---- nt: the forward direction -------------------------------------------------------------- */
@@ -1036,12 +1049,123 @@ static inline __attribute__((always_inline)) void nt_dot_fmt(int fmt, const kt_g
 #define NT_DOT_MAX_M 12
 #endif
 
+/* ---- nt, bf16 pack, vdpbf16ps: tokens in the lanes ----------------------------------------- */
+
+/* The forward's panels rebuild, per KC slice and 32 outputs, what a bf16 pack already holds: a weight
+ * row's pairs (W[n][2q], W[n][2q+1]) are consecutive 32-bit words of the stored row. With the roles
+ * in the tile turned around -- the lanes over 16 tokens, each vdpbf16ps broadcasting one weight pair
+ * straight from the pack ({1to16} memory operand) -- no panel is built at all. The tile is LANE_ROWS
+ * weight rows x up to LANE_VECS vectors of 16 tokens (24 accumulators) over the whole contraction;
+ * the tokens come q-major in blocks of 16 (pack_pairs' KT_PAIRS_LANES layout), so a step loads one
+ * vector per block and broadcasts 8 weight words. On one Zen 4 core (scripts/gemm_harness.sh, V2-Lite
+ * W_gu, 16 experts' weights from memory) the product ran at 88-91% of the vdpbf16ps peak at 48 and
+ * 192 tokens, where building panels ran at 64-65% and 78-84%.
+ * Each output's sum runs over q ascending from zero as in the panel form (the two products of a
+ * lane are exact whichever operand is broadcast; the partial sums the panel form stores and reloads
+ * between KC slices are exact): the same bits. A group's tokens are rounded up to 16, so an expert's
+ * last block computes zero lanes (at 48 tokens per expert on average ~15% of the work). */
+#define LANE_ROWS 8
+#define LANE_VECS 3
+#define LANE_GROUP (16 * LANE_VECS)
+
+/* T[r][16 v + l] = sum_{q < Kp} pair q of block v's token l . word q of row w[r], r < NW, v < V (block
+ * v's pairs at x[v], word (q, l) at x[v][16 q + l]). */
+static inline __attribute__((always_inline)) void ukernel_lanes_any(int NW, int V, int64_t Kp,
+                                                                    const uint32_t *const *x,
+                                                                    const uint32_t *const *w, float *T) {
+#define KL_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+#define KL_INIT(r)                                                                                  \
+    zf c##r##a = ZMM(setzero_ps)(), c##r##b = ZMM(setzero_ps)(), c##r##c = ZMM(setzero_ps)();       \
+    const uint32_t *w##r = w[(r) < NW ? (r) : 0];
+#define KL_STEP(r)                                                                                  \
+    if ((r) < NW) {                                                                                 \
+        DP_BCAST(c##r##a, x0, w##r + q);                                                            \
+        if (V > 1) DP_BCAST(c##r##b, x1, w##r + q);                                                 \
+        if (V > 2) DP_BCAST(c##r##c, x2, w##r + q);                                                 \
+    }
+#define KL_STORE(r)                                                                                 \
+    if ((r) < NW) {                                                                                 \
+        ZMM(store_ps)(T + (r) * LANE_GROUP, c##r##a);                                               \
+        if (V > 1) ZMM(store_ps)(T + (r) * LANE_GROUP + 16, c##r##b);                               \
+        if (V > 2) ZMM(store_ps)(T + (r) * LANE_GROUP + 32, c##r##c);                               \
+    }
+    _Static_assert(LANE_ROWS == 8 && LANE_VECS == 3, "KL_ROWS lists 8 rows of 3 vectors");
+    KL_ROWS(KL_INIT)
+    const float *x0p = (const float *)x[0], *x1p = (const float *)x[V > 1 ? 1 : 0], *x2p = (const float *)x[V > 2 ? 2 : 0];
+    for (int64_t q = 0; q < Kp; q++) {
+        const zf x0 = ZMM(load_ps)(x0p + 16 * q), x1 = V > 1 ? ZMM(load_ps)(x1p + 16 * q) : x0,
+                 x2 = V > 2 ? ZMM(load_ps)(x2p + 16 * q) : x0;
+        KL_ROWS(KL_STEP)
+        KEEP3(x0, x1, x2);
+    }
+    KL_ROWS(KL_STORE)
+#undef KL_ROWS
+#undef KL_INIT
+#undef KL_STEP
+#undef KL_STORE
+}
+
+typedef void (*ukernel_lanes_fn)(int64_t Kp, const uint32_t *const *x, const uint32_t *const *w, float *T);
+#define KT_UKERNEL_LANES(NW, V)                                                                                 \
+    static void ukernel_lanes_##NW##_##V(int64_t Kp, const uint32_t *const *x, const uint32_t *const *w,        \
+                                         float *T) {                                                            \
+        ukernel_lanes_any(NW, V, Kp, x, w, T);                                                                  \
+    }
+#define KT_UKERNEL_LANES_V(NW) KT_UKERNEL_LANES(NW, 1) KT_UKERNEL_LANES(NW, 2) KT_UKERNEL_LANES(NW, 3)
+KT_UKERNEL_LANES_V(1) KT_UKERNEL_LANES_V(2) KT_UKERNEL_LANES_V(3) KT_UKERNEL_LANES_V(4)
+KT_UKERNEL_LANES_V(5) KT_UKERNEL_LANES_V(6) KT_UKERNEL_LANES_V(7) KT_UKERNEL_LANES_V(8)
+#undef KT_UKERNEL_LANES_V
+#undef KT_UKERNEL_LANES
+#define KL_ENTRY(NW) {NULL, ukernel_lanes_##NW##_1, ukernel_lanes_##NW##_2, ukernel_lanes_##NW##_3}
+static const ukernel_lanes_fn ukernels_lanes[LANE_ROWS + 1][LANE_VECS + 1] = {
+    {NULL}, KL_ENTRY(1), KL_ENTRY(2), KL_ENTRY(3), KL_ENTRY(4), KL_ENTRY(5), KL_ENTRY(6), KL_ENTRY(7), KL_ENTRY(8)};
+#undef KL_ENTRY
+
+/* Scratch floats of nt_lanes: the kernel's [NR][LANE_GROUP] sums and their [LANE_GROUP][NR] transpose. */
+#define LANES_SCRATCH_FLOATS (2 * NR * LANE_GROUP)
+
+/* g->a_pairs in KT_PAIRS_LANES (blocks of 16 tokens, Cq = round32(K) / 2 words per token). */
+static void nt_lanes(const kt_gemm *g, float *scratch) {
+    const kt_matrix_layout *L = g->L;
+    const int64_t K = L->K, Cq = ((K + 31) & ~(int64_t)31) / 2, Kp = (K + 1) / 2;
+    float *T = scratch;
+    float (*cbuf)[NR] = (float (*)[NR])(T + NR * LANE_GROUP);
+    /* the 16-token blocks in near-equal groups of at most LANE_VECS */
+    const int64_t blocks = (g->M + 15) / 16, groups = (blocks + LANE_VECS - 1) / LANE_VECS;
+    for (int64_t gi = 0; gi < groups; gi++) {
+        const int64_t b0 = gi * blocks / groups, V = (gi + 1) * blocks / groups - b0;
+        const int64_t m0 = 16 * b0, rows = g->M - m0 < 16 * V ? g->M - m0 : 16 * V;
+        const uint32_t *x[LANE_VECS];
+        for (int64_t v = 0; v < V; v++) x[v] = g->a_pairs + (b0 + v) * 16 * Cq;
+        for (int64_t n0 = g->lo; n0 < g->hi; n0 += NR) {
+            const int64_t width = g->hi - n0 < NR ? g->hi - n0 : NR;
+            for (int64_t r0 = 0; r0 < width; r0 += LANE_ROWS) {
+                const int64_t nw = width - r0 < LANE_ROWS ? width - r0 : LANE_ROWS;
+                const uint32_t *w[LANE_ROWS];
+                for (int64_t r = 0; r < nw; r++) w[r] = (const uint32_t *)row_of(L, g->w, n0 + r0 + r);
+                ukernels_lanes[nw][V](Kp, x, w, T + r0 * LANE_GROUP);
+            }
+            /* [width][16 V] -> [16 V][NR], 16 x 16 at a time (columns past width zero, never written out) */
+            for (int64_t j0 = 0; j0 < width; j0 += 16)
+                for (int64_t i0 = 0; i0 < 16 * V; i0 += 16) {
+                    zf r[16];
+                    for (int j = 0; j < 16; j++)
+                        r[j] = j0 + j < width ? ZMM(load_ps)(T + (j0 + j) * LANE_GROUP + i0) : ZMM(setzero_ps)();
+                    transpose16(r);
+                    for (int i = 0; i < 16; i++) ZMM(store_ps)(cbuf[i0 + i] + j0, r[i]);
+                }
+            write_tile(g, m0, rows, cbuf, n0 - g->lo, width);
+        }
+    }
+}
+
 /* Scratch: [panel: NR * max(Kr, N)][C buffer: (MC + MR) * NR] floats (the dot form keeps its
  * padded token rows, at most NT_DOT_MAX_M of them, in the panel's place). */
 static int64_t scratch_floats_avx512(int64_t N, int64_t K_pad) {
     const int64_t m = (N > K_pad ? N : K_pad) + 32, own = NR * m + (MC + MR) * NR + 16;
     const int64_t kouter = NR * KC + KO_BLOCKS * MG * NR + KC / PAIRS_PER_BLOCK * NR; /* panel slice + C blocks + S */
     const int64_t q8 = kt_q8_avx2_scratch_floats(N, K_pad); /* the products without VNNI */
+    _Static_assert(LANES_SCRATCH_FLOATS <= (MC + MR) * NR, "nt_lanes' buffers fit the C buffer's room");
     const int64_t fp = own > kouter ? own : kouter;
     return fp > q8 ? fp : q8;
 }
@@ -1053,6 +1177,10 @@ static void nt_avx512(const kt_gemm *g) {
     const int64_t K = g->L->K, Kr = (K + 31) & ~(int64_t)31;
     float *P = g->scratch;
     float (*cbuf)[NR] = (float (*)[NR])(P + NR * Kr);
+    if (g->a_pairs && g->L->format == KT_FORMAT_BF16) { /* the operand in KT_PAIRS_LANES */
+        nt_lanes(g, P);
+        return;
+    }
     if (g->a_pairs) { /* bf16 mode, vdpbf16ps: every token count (see tn_avx512) */
         kouter_packed(g, 0, 1, (K + 1) / 2, Kr / 2, P, (float (*)[NR])(P + NR * KC));
         return;

@@ -414,7 +414,9 @@ static void prep_group(moe_job *j, int64_t task, int tid, const float *src, cons
     if (j->prep_f32)
         j->kern->pack_f32((const float *const *)rows, M, C, prepared_f32_of(j, e, C));
     else if (j->prep_pairs)
-        j->kern->pack_pairs((const float *const *)rows, M, C, prepared_pairs_of(j, e, C));
+        j->kern->pack_pairs((const float *const *)rows, M, C,
+                            layout == KT_PACK_VNNI && j->a->format == KT_FORMAT_BF16 ? KT_PAIRS_LANES : KT_PAIRS_TILES,
+                            prepared_pairs_of(j, e, C));
     else if (j->prep8_bf16)
         j->kern->pack_q8((const int8_t *const *)rows, M, C, KT_PACK_VNNI_BF16, (int8_t *)dst);
     else if (j->prep8)

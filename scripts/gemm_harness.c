@@ -5,7 +5,8 @@
  * static functions). Per pack format and direction, on DeepSeek-V2-Lite's W_gu (N = 2816 rows,
  * K = 2048) and M tokens of one expert, for one kind of kernel:
  *   fma  the bf16 / f32 modes' zmm FMA tiles on the prepared fp32 operand (the k-outer form, M >= 96)
- *   dp   the bf16 mode's vdpbf16ps tiles on bf16 pairs (needs AVX512-BF16; the kernels Zen 4 runs)
+ *   dp   the bf16 mode's vdpbf16ps tiles on bf16 pairs (needs AVX512-BF16; the kernels Zen 4 runs;
+ *        the bf16 pack's nt product is nt_lanes, which builds no panel; M from 1)
  *   q8   the int8 mode's vpdpbusd tiles on int8 rows (needs AVX512-VNNI; int4 packs: forward only)
  * and two timings:
  *   kernel   the tile alone, its panel and operand in cache (16 tiles over one panel, as the
@@ -136,7 +137,7 @@ int main(int argc, char **argv) {
     const int kind = !strcmp(kind_name, "fma") ? KIND_FMA : !strcmp(kind_name, "dp") ? KIND_DP
                      : !strcmp(kind_name, "q8") ? KIND_Q8 : -1;
     const double seconds = 0.5;
-    if (M < KO_NT_MIN_M || M > MG || experts < 1 || rounds < 1 || rounds > 64 || kind < 0) {
+    if (M < (kind == KIND_DP ? 1 : KO_NT_MIN_M) || M > MG || experts < 1 || rounds < 1 || rounds > 64 || kind < 0) {
         fprintf(stderr, "usage: gemm_harness [M in %d..%d] [experts >= 1] [rounds 1..64] [fma|dp|q8]\n",
                 KO_NT_MIN_M, MG);
         return 2;
@@ -195,7 +196,7 @@ int main(int argc, char **argv) {
                 orows[m] = out + m * TASK_WIDTH, scales[m] = 0.01f;
             }
             float *Af = aligned_alloc(64, sizeof(float) * (size_t)((M + MR) * Cr));
-            if (kind == KIND_DP) pack_pairs_avx512((const float *const *)arows, M, C, (uint32_t *)Af);
+            if (kind == KIND_DP) pack_pairs_avx512((const float *const *)arows, M, C, !tn && formats[f] == KT_FORMAT_BF16 ? KT_PAIRS_LANES : KT_PAIRS_TILES, (uint32_t *)Af);
             else if (kind == KIND_FMA) pack_f32_avx512((const float *const *)arows, M, C, Af);
             float *scratch = aligned_alloc(64, sizeof(float) * (size_t)scratch_floats_avx512(L.N, L.K_pad));
             kt_gemm g = {.L = &L, .M = M, .a_rows = (const void *const *)arows, .out_rows = orows, .scratch = scratch};

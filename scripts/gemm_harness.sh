@@ -3,7 +3,7 @@
 # on cached data against the whole nt / tn product whose panels read weights from memory, per pack
 # format, as GFLOP/s and % of the core's zmm FMA peak. Needs gcc and a CPU with AVX-512 F/BW/VL/DQ (the avx512 table's needs; it exits 2 without).
 #
-#   scripts/gemm_harness.sh [M tokens, 96..252; default 192] [experts; 16] [rounds; 5] [fma|dp|q8; fma]
+#   scripts/gemm_harness.sh [M tokens, 96..252 (dp: 1..252); default 192] [experts; 16] [rounds; 5] [fma|dp|q8; fma]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(mktemp -d)

@@ -30,6 +30,7 @@ DEFAULT = (
     ("native/kt_kernels_avx512.c", "ukernel_packed_12"),  # fp32 / bf16-mode FMA tile, 12 x 32
     ("native/kt_kernels_avx512.c", "ukernel_dp_12"),  # vdpbf16ps tile
     ("native/kt_kernels_avx512.c", "ukernel_dp_fold_6"),  # vdpbf16ps, int4 blocks folded in registers
+    ("native/kt_kernels_avx512.c", "ukernel_lanes_8_3"),  # vdpbf16ps, bf16 pack nt, tokens in the lanes
     ("native/kt_kernels_avx512.c", "nt_q8_int8_tile_12"),  # int8 mode, vpdpbusd
     ("native/kt_kernels_avx512.c", "tn_q8_tile_12"),
     ("native/kt_kernels_avx512.c", "nt_q8_int4_tile_6"),
