@@ -64,6 +64,7 @@ LOOPS = [
     ("avx512", "ukernel_8", "8x32 panel tile (a tail tile)", ZMM_CPUS),
     ("avx512", "ukernel_packed_12", "12x32 tile on the prepared operand", ZMM_CPUS),
     ("avx512", "ukernel_dp_12", "bf16 pairs 12x32 vdpbf16ps tile", ZMM_CPUS + ["znver5"]),
+    ("avx512", "ukernel_lanes_8_3", "bf16 pack nt, 8 rows x 48 tokens in lanes", ZMM_CPUS + ["znver5"]),
     ("avx512", "ukernel_direct_bf16_12", "tn direct, bf16 dequant in loop (M <= 12)", ZMM_CPUS),
     ("avx512", "ukernel_direct_int8_12", "tn direct, int8 dequant in loop", ZMM_CPUS),
     ("avx512", "ukernel_direct_int4_12", "tn direct, int4 dequant in loop", ZMM_CPUS),
@@ -94,7 +95,7 @@ def op_of(func):
     """The dot-product instruction that bounds a loop: vpdpbusd in the avx512 int8 mode's, vpmaddwd
     in the avx2 one's (q_*), else the FMA."""
     return ("vpdpbusd" if "_q8_" in func or func.startswith("v_") else "vpmaddwd" if func.startswith(("q_", "cand_"))
-            else "vdpbf16ps" if func.startswith("ukernel_dp") else "vfmadd")
+            else "vdpbf16ps" if func.startswith(("ukernel_dp", "ukernel_lanes")) else "vfmadd")
 
 
 def hot_loop(asm_lines, func):
