@@ -407,16 +407,20 @@ static inline __attribute__((always_inline)) void ukernel_any(int R, int packed,
         /* dp: step k is the pair of rows 2k, 2k + 1 (column_pairs; c1 > c0 where 32 columns are wanted) */
 #define KT_NEXT(k, x0, x1) \
     (dp ? column_pairs(fmt, L, w, c0, c1 > c0 ? 32 : 16, (k), (x0), (x1)) : direct_pair(fmt, L, w, (k), c0, c1, (x0), (x1)))
-        /* dp: the rows TN_DP_AHEAD steps on are asked into L1 (rows a page or more apart: the hardware
-         * prefetchers do not follow them, and with few tokens each step waits on two misses) */
+        /* dp: the rows TN_DP_AHEAD steps on are asked into the cache (rows a page or more apart: the
+         * hardware prefetchers do not follow them, and with few tokens each step waits on two misses).
+         * Into L2, not L1: with 4 KiB rows (W_gu, H = 2048 bf16) the 32 lines in flight all fall in
+         * one 8-way L1 set and evicted each other before use (Zen 4, bf16 pack, B3 at T = 128: T1 1.19-1.27x
+         * faster than T0; at 48 tokens per expert the direct form lost to the panels with T0, 0.91x,
+         * and won with T1, 1.05-1.11x; int8 / int4 packs even). */
         const int64_t cb = fmt == KT_FORMAT_BF16 ? 2 * c0 : fmt_int4(fmt) ? c0 / 2 : c0;
         KT_NEXT(0, &p0, &p1);
         int64_t k = 0;
         for (; k + 1 < Kc; k++) {
             zf n0, n1;
             if (dp && 2 * (k + TN_DP_AHEAD) + 1 < L->N) {
-                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD)) + cb), _MM_HINT_T0);
-                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD) + 1) + cb), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD)) + cb), _MM_HINT_T1);
+                _mm_prefetch((const char *)(row_of(L, w, 2 * (k + TN_DP_AHEAD) + 1) + cb), _MM_HINT_T1);
             }
             KT_NEXT(k + 1, &n0, &n1);
             KT_ROWS(KT_STEP)
@@ -1216,9 +1220,16 @@ static void nt_avx512(const kt_gemm *g) {
 #endif
 /* With vdpbf16ps pairs, up to this many tokens the transposed product makes the pairs of two weight
  * rows in registers (column_pairs) for each tile instead of building panels (same sums in the same
- * order: the same bits). */
+ * order: the same bits). Each tile makes them again, so the cut depends on what making them costs:
+ * a bf16 pack's pairs are one shuffle of two loaded rows (up to 64 tokens: at 48 per expert B1 / B3
+ * 1.05-1.16x faster than the panels, at 72 about even, at 96 B3 0.90x), int8 / int4 weights are
+ * dequantized and rounded to bf16 first (at 48 tokens B1 0.79-0.88x, B3 0.68-0.81x: 24). Zen 4,
+ * in-process per-phase A/B (scripts/ab_phases.py), session 16. */
 #ifndef TN_DP_DIRECT_MAX_M
 #define TN_DP_DIRECT_MAX_M 24
+#endif
+#ifndef TN_DP_DIRECT_MAX_M_BF16
+#define TN_DP_DIRECT_MAX_M_BF16 64
 #endif
 
 static void tn_avx512(const kt_gemm *g) {
@@ -1230,7 +1241,8 @@ static void tn_avx512(const kt_gemm *g) {
      * repay themselves on Zen 4, where it runs 2x the FMA's rate (in-process per-phase A/B against
      * the dot / direct FMA forms, bf16 mode, 12 iterations: int8 pack nt 1.10-1.17x, tn 1.13-1.20x;
      * bf16 pack nt 0.98-1.02x, tn B3 1.28x). */
-    if (g->a_pairs && g->M > 0 && g->M <= TN_DP_DIRECT_MAX_M) {
+    if (g->a_pairs && g->M > 0 &&
+        g->M <= (g->L->format == KT_FORMAT_BF16 ? TN_DP_DIRECT_MAX_M_BF16 : TN_DP_DIRECT_MAX_M)) {
         assert(g->L->format == KT_FORMAT_BF16 || g->round_w); /* the pairs hold bf16-exact weights */
         const int64_t Cr = ((N + 31) & ~(int64_t)31) / 2, tiles = (g->M + MR - 1) / MR;
         for (int64_t c0 = g->lo; c0 < g->hi; c0 += NR) {
