@@ -148,7 +148,8 @@ typedef struct {
      * compute modes, tables with pack_f32), in that table's own layout; else NULL. */
     const float *a_f32;
     /* Likewise for tables with pack_pairs (bf16 mode, pairs_enabled(), every format): the rows as
-     * bf16 pairs of consecutive columns, one 32-bit word per pair, in that table's layout. */
+     * bf16 pairs of consecutive columns, one 32-bit word per pair, in layout KT_PAIRS_LANES for nt on
+     * a bf16 pack, else in that table's own KT_PAIRS_TILES. */
     const uint32_t *a_pairs;
     /* tn only, set in the bf16 compute mode's backward on int8 / int4 weights: multiply by each
      * dequantized fp32 weight rounded to bf16 (nearest even, kt_round_bf16), W'[n][c] = r(W[n][c]),
