@@ -19,10 +19,15 @@
 #define MR 6
 #define NR 16
 
-/* 8 dequantized weights W[n][k..k+8), k a multiple of 8 inside K_pad. */
-static inline __m256 load8(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
+#define KT_INLINE static inline __attribute__((always_inline))
+
+/* 8 dequantized weights W[n][k..k+8), k a multiple of 8 inside K_pad, of format fmt (L->format).
+ * The loops below take fmt as a compile-time constant (one copy of each loop per format, chosen
+ * once per call by FMT_DISPATCH): with the format read per load, the switch's tests and jumps
+ * cost the panel builds a third of their instructions (B3 at 12 tokens per expert: 20%). */
+KT_INLINE __m256 load8_f(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k) {
     const uint8_t *row = mat + (size_t)n * L->row_bytes;
-    switch (L->format) {
+    switch (fmt) {
     case KT_FORMAT_BF16: {
         __m128i v = _mm_loadu_si128((const __m128i *)(row + 2 * k));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
@@ -45,6 +50,14 @@ static inline __m256 load8(const kt_matrix_layout *L, const uint8_t *mat, int64_
     }
 }
 
+/* Runs CALL(F) with F the constant equal to fmt (load8_f's cases: anything else is int4). */
+#define FMT_DISPATCH(fmt, CALL)                                                                              \
+    do {                                                                                                     \
+        if ((fmt) == KT_FORMAT_BF16) CALL(KT_FORMAT_BF16);                                                   \
+        else if ((fmt) == KT_FORMAT_INT8) CALL(KT_FORMAT_INT8);                                              \
+        else CALL(KT_FORMAT_INT4);                                                                           \
+    } while (0)
+
 static inline void transpose8(__m256 r[8]) {
     __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
     __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
@@ -65,19 +78,26 @@ static inline void transpose8(__m256 r[8]) {
 }
 
 /* P[k][j] = W[n0 + j][k] for k < Kr (Kr = K rounded up to 8), j < 16; rows past N are zero. */
-static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr, float *P) {
+KT_INLINE void panel_rows_transposed_f(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr,
+                                      float *P) {
     const int64_t rows = L->N - n0 < NR ? L->N - n0 : NR;
     for (int64_t k = 0; k < Kr; k += 8) {
         for (int half = 0; half < 2; half++) {
             __m256 r[8];
             for (int i = 0; i < 8; i++) {
                 const int64_t j = half * 8 + i;
-                r[i] = j < rows ? load8(L, mat, n0 + j, k) : _mm256_setzero_ps();
+                r[i] = j < rows ? load8_f(fmt, L, mat, n0 + j, k) : _mm256_setzero_ps();
             }
             transpose8(r);
             for (int i = 0; i < 8; i++) _mm256_store_ps(P + (k + i) * NR + half * 8, r[i]);
         }
     }
+}
+
+static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat, int64_t n0, int64_t Kr, float *P) {
+#define CALL(F) panel_rows_transposed_f(F, L, mat, n0, Kr, P)
+    FMT_DISPATCH(L->format, CALL);
+#undef CALL
 }
 
 /* P[n][j] = W[n][c0 + j] for n < N, j < 16 (c0 a multiple of 16, inside K_pad). */
@@ -89,26 +109,32 @@ static inline __m256 round_bf16_8(__m256 v) {
     return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-/* tn's weights: load8, rounded to bf16 with kt_gemm.round_w (rw). */
-static inline __m256 load8_tn(const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k, int rw) {
-    const __m256 v = load8(L, mat, n, k);
-    return rw ? round_bf16_8(v) : v;
+/* tn's weights: load8_f, rounded to bf16 with kt_gemm.round_w (rw; a constant where inlined, and
+ * never set for bf16 weights, which it would leave as they are). */
+KT_INLINE __m256 load8_tn(int fmt, const kt_matrix_layout *L, const uint8_t *mat, int64_t n, int64_t k, int rw) {
+    const __m256 v = load8_f(fmt, L, mat, n, k);
+    return fmt != KT_FORMAT_BF16 && rw ? round_bf16_8(v) : v;
+}
+
+KT_INLINE void panel_columns_f(int fmt, int rw, const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, float *P) {
+    for (int64_t n = 0; n < L->N; n++) {
+        _mm256_store_ps(P + n * NR, load8_tn(fmt, L, mat, n, c0, rw));
+        _mm256_store_ps(P + n * NR + 8, load8_tn(fmt, L, mat, n, c0 + 8, rw));
+    }
 }
 
 static void panel_columns(const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, int rw, float *P) {
-    for (int64_t n = 0; n < L->N; n++) {
-        _mm256_store_ps(P + n * NR, load8_tn(L, mat, n, c0, rw));
-        _mm256_store_ps(P + n * NR + 8, load8_tn(L, mat, n, c0 + 8, rw));
-    }
+#define CALL(F) (rw ? panel_columns_f(F, 1, L, mat, c0, P) : panel_columns_f(F, 0, L, mat, c0, P))
+    FMT_DISPATCH(L->format, CALL);
+#undef CALL
 }
 
 /* c[MR][NR] (+)= sum_{k<Kc} a[m][k] * P[k][:]   (c zeroed first when !load).
  * Step k's two panel vectors come from the panel P, or, when P is NULL, straight from row k of the
  * packed matrix at columns [c0, c0+16) (dequantized in registers, rounded to bf16 with rw: the
  * transposed product with few tokens, where building a panel does not pay). Always inlined, so each caller gets its own loop. */
-static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const float *const a[MR], const float *P,
-                                                              const kt_matrix_layout *L, const uint8_t *w,
-                                                              int64_t c0, int rw, float c[MR][NR], int load) {
+KT_INLINE void ukernel_any(int64_t Kc, const float *const a[MR], const float *P, int fmt, const kt_matrix_layout *L,
+                           const uint8_t *w, int64_t c0, int rw, float c[MR][NR], int load) {
     __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
     if (load) {
         c00 = _mm256_loadu_ps(c[0]); c01 = _mm256_loadu_ps(c[0] + 8);
@@ -122,8 +148,8 @@ static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const 
     }
     const float *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
     for (int64_t k = 0; k < Kc; k++) {
-        const __m256 p0 = P ? _mm256_load_ps(P + k * NR) : load8_tn(L, w, k, c0, rw);
-        const __m256 p1 = P ? _mm256_load_ps(P + k * NR + 8) : load8_tn(L, w, k, c0 + 8, rw);
+        const __m256 p0 = P ? _mm256_load_ps(P + k * NR) : load8_tn(fmt, L, w, k, c0, rw);
+        const __m256 p1 = P ? _mm256_load_ps(P + k * NR + 8) : load8_tn(fmt, L, w, k, c0 + 8, rw);
         __m256 b;
         b = _mm256_broadcast_ss(a0 + k); c00 = _mm256_fmadd_ps(b, p0, c00); c01 = _mm256_fmadd_ps(b, p1, c01);
         b = _mm256_broadcast_ss(a1 + k); c10 = _mm256_fmadd_ps(b, p0, c10); c11 = _mm256_fmadd_ps(b, p1, c11);
@@ -141,12 +167,14 @@ static inline __attribute__((always_inline)) void ukernel_any(int64_t Kc, const 
 }
 
 static void ukernel(int64_t Kc, const float *const a[MR], const float *P, float c[MR][NR], int load) {
-    ukernel_any(Kc, a, P, NULL, NULL, 0, 0, c, load);
+    ukernel_any(Kc, a, P, KT_FORMAT_BF16, NULL, NULL, 0, 0, c, load);
 }
 
 static void ukernel_direct(int64_t N, const float *const a[MR], const kt_matrix_layout *L, const uint8_t *w,
                            int64_t c0, int rw, float c[MR][NR]) {
-    ukernel_any(N, a, NULL, L, w, c0, rw, c, 0);
+#define CALL(F) (rw ? ukernel_any(N, a, NULL, F, L, w, c0, 1, c, 0) : ukernel_any(N, a, NULL, F, L, w, c0, 0, c, 0))
+    FMT_DISPATCH(L->format, CALL);
+#undef CALL
 }
 
 /* Up to this many tokens (one tile) the transposed product dequantizes in registers instead of
@@ -212,7 +240,7 @@ static inline float hsum8(__m256 v) {
 #define DOT_MR 3
 #define DOT_NR 4
 
-static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
+KT_INLINE void nt_dot_f(int fmt, const kt_gemm *g, const float *zeros) {
     const kt_matrix_layout *L = g->L;
     const int64_t K = L->K, K8 = K & ~(int64_t)7, tail = K - K8;
     const __m256i tail_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -226,8 +254,8 @@ static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
             for (int i = 0; i < DOT_MR; i++)
                 for (int r = 0; r < DOT_NR; r++) c[i][r] = _mm256_setzero_ps();
             for (int64_t k = 0; k < K8; k += 8) {
-                const __m256 w0 = load8(L, g->w, rows[0], k), w1 = load8(L, g->w, rows[1], k);
-                const __m256 w2 = load8(L, g->w, rows[2], k), w3 = load8(L, g->w, rows[3], k);
+                const __m256 w0 = load8_f(fmt, L, g->w, rows[0], k), w1 = load8_f(fmt, L, g->w, rows[1], k);
+                const __m256 w2 = load8_f(fmt, L, g->w, rows[2], k), w3 = load8_f(fmt, L, g->w, rows[3], k);
                 for (int i = 0; i < DOT_MR; i++) {
                     const __m256 x = _mm256_loadu_ps(a[i] + k);
                     c[i][0] = _mm256_fmadd_ps(x, w0, c[i][0]);
@@ -238,7 +266,7 @@ static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
             }
             if (tail) { /* rows are zero-padded past K; activation rows are not: mask them */
                 __m256 w[DOT_NR];
-                for (int r = 0; r < DOT_NR; r++) w[r] = load8(L, g->w, rows[r], K8);
+                for (int r = 0; r < DOT_NR; r++) w[r] = load8_f(fmt, L, g->w, rows[r], K8);
                 for (int i = 0; i < DOT_MR; i++) {
                     const __m256 x = _mm256_maskload_ps(a[i] + K8, tail_mask);
                     for (int r = 0; r < DOT_NR; r++) c[i][r] = _mm256_fmadd_ps(x, w[r], c[i][r]);
@@ -254,6 +282,12 @@ static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
             }
         }
     }
+}
+
+static void nt_dot_avx2(const kt_gemm *g, const float *zeros) {
+#define CALL(F) nt_dot_f(F, g, zeros)
+    FMT_DISPATCH(g->L->format, CALL);
+#undef CALL
 }
 
 /* Up to this many tokens per expert the forward uses the dot form for bf16 and int8 weights
