@@ -27,7 +27,9 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent.parent
 
-# The worker: imports kt_sft from PYTHONPATH, answers one JSON line per order.
+# The worker: imports kt_sft from PYTHONPATH, answers one JSON line per order. It times the call
+# itself rather than with bench_kernels._one_run: older trees lack that helper, and the worker must
+# run the same code against both builds.
 WORKER = r"""
 import json, sys, time, torch
 from kt_sft.bench.bench_kernels import KernelBenchConfig, make_inputs, make_weights
