@@ -100,7 +100,6 @@ static void panel_rows_transposed(const kt_matrix_layout *L, const uint8_t *mat,
 #undef CALL
 }
 
-/* P[n][j] = W[n][c0 + j] for n < N, j < 16 (c0 a multiple of 16, inside K_pad). */
 /* 8 fp32 values rounded to bf16, nearest even, as kt_round_bf16 (finite values: the weights). */
 static inline __m256 round_bf16_8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
@@ -116,6 +115,7 @@ KT_INLINE __m256 load8_tn(int fmt, const kt_matrix_layout *L, const uint8_t *mat
     return fmt != KT_FORMAT_BF16 && rw ? round_bf16_8(v) : v;
 }
 
+/* P[n][j] = W[n][c0 + j] for n < N, j < 16 (c0 a multiple of 16, inside K_pad). */
 KT_INLINE void panel_columns_f(int fmt, int rw, const kt_matrix_layout *L, const uint8_t *mat, int64_t c0, float *P) {
     for (int64_t n = 0; n < L->N; n++) {
         _mm256_store_ps(P + n * NR, load8_tn(fmt, L, mat, n, c0, rw));
